@@ -1,0 +1,9 @@
+"""fq-jax: Focused Quantization for sparse CNNs, as pure JAX functions."""
+from fq_jax._src.gmm import GMM, fit_gmm, gmm_log_likelihood, gmm_posterior, wasserstein_separation
+from fq_jax._src.quantizers import (FocusState, focus, focused_quantize, focused_symbols, focused_values,
+    num_symbols, overflow_bias, round_to_power_of_two, shift_quantize)
+from fq_jax._src.rules import DEFAULT_RULES, LayerSpec, Rule, leaf_paths, path_str, resolve
+from fq_jax._src.masks import apply_masks, dns_mask, dns_masks, dns_threshold, magnitude_mask, magnitude_masks, sparsity_of
+from fq_jax._src.transforms import (FQState, PruneState, QuantSchedule, PAPER_INQ_FRACTIONS, dns_pruning, find_state,
+    focused_quantization, infer_masks, inq_schedule, quantized, quantized_fraction)
+from fq_jax._src.report import empirical_entropy, format_report, layer_report

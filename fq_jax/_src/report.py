@@ -1,0 +1,94 @@
+"""Per-layer compression report (host side: returns plain Python values)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from fq_jax._src import quantizers
+from fq_jax._src import rules as rules_lib
+from fq_jax._src import transforms
+
+
+def empirical_entropy(symbols: np.ndarray) -> float:
+  """Zeroth-order entropy of a symbol sequence, in bits per symbol."""
+  symbols = np.asarray(symbols).ravel()
+  if symbols.size == 0:
+    return 0.0
+  counts = np.bincount(symbols - symbols.min())
+  p = counts[counts > 0] / symbols.size
+  return float(-(p * np.log2(p)).sum())
+
+
+@jax.jit
+def _layer_numbers(w, f: quantizers.FocusState):
+  symbols = quantizers.focused_symbols(w, f)
+  q = quantizers.focused_values(symbols, f)
+  err = jnp.where(f.mask, (q - w.astype(jnp.float32)) ** 2, 0.0)
+  return symbols, jnp.sum(err) / jnp.maximum(jnp.sum(f.mask), 1)
+
+
+def layer_report(params, state) -> list[dict[str, Any]]:
+  """One row per compressed leaf: what was done to it and what it costs.
+
+  Args:
+    params: the float parameters.
+    state: an `FQState` (or an optax state containing one).
+
+  Returns:
+    A list of dicts with keys path, shape, size, kept, sparsity, kind
+    ("recentralized", "shift", or "pruned" for prune-only leaves),
+    separation, bits, mu (pair), sigma, bias, alpha, mse (mean squared
+    quantization error over kept weights) and entropy_bits (empirical entropy
+    of the quantized symbols, bits per kept weight).
+  """
+  state = transforms.find_state(state)
+  if not isinstance(state, transforms.FQState):
+    raise TypeError("layer_report needs the state of fq.focused_quantization")
+  rows = []
+  paths = rules_lib.leaf_paths(params)
+  is_leaf = lambda x: x is None or isinstance(x, quantizers.FocusState)
+  leaves, treedef = jax.tree.flatten(state.masks, is_leaf=is_leaf)
+  focus = treedef.flatten_up_to(state.focus)
+  ws = treedef.flatten_up_to(params)
+  ps = treedef.flatten_up_to(paths)
+  for m, f, w, path in zip(leaves, focus, ws, ps):
+    if m is None:
+      continue
+    kept = int(np.sum(np.asarray(m)))
+    row = dict(path=path, shape=list(w.shape), size=int(w.size), kept=kept,
+               sparsity=1.0 - kept / max(int(w.size), 1))
+    if f is None:
+      row.update(kind="pruned", bits=32, mse=0.0, entropy_bits=32.0)
+    else:
+      symbols, mse = _layer_numbers(w, f)
+      kept_symbols = np.asarray(symbols)[np.asarray(f.mask)]
+      row.update(
+          kind="recentralized" if bool(f.recentralized) else "shift",
+          separation=float(f.separation),
+          bits=int(f.bits),
+          mu=[float(v) for v in np.asarray(f.means)],
+          sigma=float(f.sigma),
+          bias=int(f.bias),
+          alpha=float(f.alpha),
+          mse=float(mse),
+          entropy_bits=empirical_entropy(kept_symbols),
+      )
+    rows.append(row)
+  return rows
+
+
+def format_report(rows: list[dict[str, Any]]) -> str:
+  """A fixed-width text table of `layer_report` rows."""
+  header = f"{'path':<40} {'shape':<18} {'kept':>9} {'sparsity':>8} {'kind':<13} {'W':>6} {'bits':>4} {'mse':>10} {'H bits':>6}"
+  lines = [header, "-" * len(header)]
+  for r in rows:
+    sep = f"{r['separation']:6.2f}" if "separation" in r else f"{'-':>6}"
+    lines.append(
+        f"{r['path'][-40:]:<40} {str(tuple(r['shape'])):<18} {r['kept']:>9} "
+        f"{r['sparsity']:>8.2%} {r['kind']:<13} {sep} {r['bits']:>4} "
+        f"{r['mse']:>10.3g} {r['entropy_bits']:>6.3f}")
+  return "\n".join(lines)
