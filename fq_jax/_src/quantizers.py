@@ -124,7 +124,9 @@ def overflow_bias(
     mask: optional boolean keep-mask; pruned entries do not count.
 
   Returns:
-    int32 scalar. With no kept non-zero value the bias is 0.
+    int32 scalar. With no kept non-zero value the bias is 0. When the
+    allowance would cover every non-zero value (very small layers), the
+    bias makes the largest value representable instead.
 
   Example:
     >>> import jax.numpy as jnp, fq_jax as fq
@@ -142,7 +144,11 @@ def overflow_bias(
   allowed = n // (2**bits + 1)
   # Ascending sort puts the pruned zeros first; the (allowed+1)-th largest kept
   # value is the smallest the top magnitude may be.
-  q = jnp.sort(a)[a.size - 1 - allowed]
+  sorted_a = jnp.sort(a)
+  q = sorted_a[a.size - 1 - allowed]
+  # When the allowance covers every non-zero value (tiny layers) the rule puts
+  # no bound on b; cover the largest value instead of clipping everything.
+  q = jnp.where(q > 0, q, sorted_a[-1])
   e_max = 2 ** (bits - 2) - 1
   bias = e_max - _ceil_log2(jnp.where(q > 0, q, 1.0))
   return jnp.where((n > 0) & (q > 0), bias, 0).astype(jnp.int32)
