@@ -18,9 +18,9 @@ from fq_jax.models import (
 )
 
 try:
-    from _shared_data import RESNET20_NPZ, RESNET56_NPZ, count_correct, cifar10_test_normalized, require_shared
+    from _shared_data import RESNET20_NPZ, RESNET56_NPZ, cifar10_test_normalized, count_correct, require_shared
 except ImportError:  # tests/ imported as a package
-    from tests._shared_data import RESNET20_NPZ, RESNET56_NPZ, count_correct, cifar10_test_normalized, require_shared
+    from tests._shared_data import RESNET20_NPZ, RESNET56_NPZ, cifar10_test_normalized, count_correct, require_shared
 
 
 def _accuracy_of(npz_relative: str, expected_depth: int) -> int:
@@ -63,12 +63,14 @@ def test_shared_checkpoint_structure() -> None:
 
 @pytest.fixture(scope="module")
 def depth32_variables() -> dict:
+    # Random values of the right shapes (eval_shape, no initializer compute); batch statistics
+    # are non-trivial so that a swapped mean/var or scale/bias would be caught.
     model = CifarResNet(depth=32)
-    variables = model.init(jax.random.key(1), jnp.zeros((1, 32, 32, 3)), train=False)
-    # Non-trivial batch statistics so that a swapped mean/var would be caught.
-    keys = iter(jax.random.split(jax.random.key(2), 1000))
-    stats = jax.tree.map(lambda a: jax.random.uniform(next(keys), a.shape, minval=0.5, maxval=2.0), variables["batch_stats"])
-    return {"params": variables["params"], "batch_stats": stats}
+    abstract = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)), train=False))
+    rng = np.random.default_rng(1)
+    params = jax.tree.map(lambda s: (0.1 * rng.standard_normal(s.shape)).astype(np.float32), abstract["params"])
+    stats = jax.tree.map(lambda s: rng.uniform(0.5, 2.0, s.shape).astype(np.float32), abstract["batch_stats"])
+    return {"params": params, "batch_stats": stats}
 
 
 def _as_numpy(tree):
@@ -92,7 +94,7 @@ def test_round_trip_depth32(tmp_path, depth32_variables) -> None:
     expected = _as_numpy(depth32_variables)
     got = _as_numpy(variables)
     assert jax.tree.structure(got) == jax.tree.structure(expected)
-    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(expected)):
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(expected), strict=True):
         np.testing.assert_array_equal(a, b)
 
     x = jax.random.normal(jax.random.key(3), (2, 32, 32, 3))

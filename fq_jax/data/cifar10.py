@@ -85,7 +85,8 @@ def decode_cifar10_archive(path: str | os.PathLike[str]) -> dict[str, np.ndarray
     with tarfile.open(path) as tar:
         for member in tar:
             parts = member.name.split("/")
-            if member.isfile() and len(parts) == 3 and parts[0] in _SPLITS and parts[2].lower().endswith((".jpg", ".jpeg")):
+            is_jpeg = parts[-1].lower().endswith((".jpg", ".jpeg"))
+            if member.isfile() and len(parts) == 3 and parts[0] in _SPLITS and is_jpeg:
                 raw[member.name] = tar.extractfile(member).read()
     names = sorted(raw)
     classes = {s: sorted({n.split("/")[1] for n in names if n.startswith(s + "/")}) for s in _SPLITS}
@@ -140,6 +141,7 @@ def load_cifar10_uint8(path: str | os.PathLike[str] | None = None, *, use_cache:
             fd, tmp = tempfile.mkstemp(dir=cache.parent, suffix=".npz.tmp")
             with os.fdopen(fd, "wb") as f:
                 np.savez(f, **arrays)
+            os.chmod(tmp, 0o644)  # mkstemp creates 0600; the cache holds nothing private
             os.replace(tmp, cache)
             return arrays
     with np.load(cache) as data:

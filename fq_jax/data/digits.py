@@ -8,8 +8,6 @@
 from __future__ import annotations
 
 import numpy as np
-import sklearn.datasets
-from sklearn.model_selection import train_test_split
 
 from fq_jax.data.common import InMemoryDataset
 
@@ -28,6 +26,10 @@ def load_digits(test_size: float = DIGITS_TEST_SIZE, random_state: int = DIGITS_
       An :class:`InMemoryDataset` with float32 images ``(N, 8, 8, 1)`` in [0, 1] and int32
       labels; class names "0".."9".
     """
+    # Imported here: scikit-learn takes about a second to import and only this loader needs it.
+    import sklearn.datasets
+    from sklearn.model_selection import train_test_split
+
     bunch = sklearn.datasets.load_digits()
     images = (bunch.images.astype(np.float32) / 16.0)[..., None]
     labels = bunch.target.astype(np.int32)

@@ -171,7 +171,7 @@ class ResNet(nn.Module):
         x = nn.relu(_bn(train, "bn_init", self.dtype)(x))
         # max_pool pads with -inf, matching PyTorch's MaxPool2d(3, 2, padding=1).
         x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
-        for s, (num_blocks, planes) in enumerate(zip(self.stage_sizes, (64, 128, 256, 512)), start=1):
+        for s, (num_blocks, planes) in enumerate(zip(self.stage_sizes, (64, 128, 256, 512), strict=True), start=1):
             for b in range(num_blocks):
                 stride = 2 if (s > 1 and b == 0) else 1
                 x = self.block_cls(
