@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import jax
@@ -98,7 +98,7 @@ def _set(tree: dict[str, Any], path: tuple[str, ...], value: Any) -> None:
     tree[path[-1]] = value
 
 
-def infer_cifar_resnet_depth(keys: "list[str] | set[str]", source: str = "<state dict>") -> int:
+def infer_cifar_resnet_depth(keys: Iterable[str], source: str = "<state dict>") -> int:
     """Infers ``depth = 6 n + 2`` from the block indices present in a torch state dict.
 
     Args:
