@@ -7,3 +7,5 @@ from fq_jax._src.masks import apply_masks, dns_mask, dns_masks, dns_threshold, m
 from fq_jax._src.transforms import (FQState, PruneState, QuantSchedule, PAPER_INQ_FRACTIONS, dns_pruning, find_state,
     focused_quantization, infer_masks, inq_schedule, quantized, quantized_fraction)
 from fq_jax._src.report import empirical_entropy, format_report, layer_report
+from fq_jax._src.codec import (FormatError, DecodedModel, artifact_summary, decode_model, encode_model,
+    load_fqz, save_fqz)
