@@ -420,6 +420,11 @@ def focused_quantization(
     return rules_lib.resolve(params, rules, bits=bits, w_sep=w_sep)
 
   def init(params):
+    # One compiled computation instead of op-by-op dispatch when called eagerly
+    # (the usual optax convention); under an outer jit this inlines.
+    return jax.jit(_init)(params)
+
+  def _init(params):
     specs = specs_of(params)
     m = _derive_masks(masks, specs, params)
     rng = jax.random.key(seed)
