@@ -241,13 +241,18 @@ def test_rans_garbage_is_a_format_error():
 def test_position_code_round_trip(size, keep, seed):
   rng = np.random.default_rng(seed)
   mask = rng.random(size) < keep
-  idx, inverted = positions.coded_indices(mask)
+  _, idx, inverted = positions.coded_indices(mask)
   assert inverted == (2 * mask.sum() > size)
-  run = positions.choose_run(positions.gaps_of(idx))
+  run, hist = positions.choose_run(positions.gaps_of(idx))
   sym = positions.encode(idx, run)
   assert sym.size == 0 or sym.max() <= run
+  if sym.size:
+    np.testing.assert_array_equal(hist, np.bincount(sym, minlength=run + 1))
   back = positions.decode(sym, run, idx.size, size, "here")
   np.testing.assert_array_equal(back, idx)
+  if sym.size and not (sym == run).any():
+    np.testing.assert_array_equal(
+        positions.decode(sym, run, idx.size, size, "here", escapes=False), idx)
 
 
 def test_position_code_escapes_and_validation():

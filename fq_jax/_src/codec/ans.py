@@ -60,9 +60,13 @@ def encode(streams: list[tuple[np.ndarray, np.ndarray, np.ndarray]]) -> bytes:
   for symbols, counts, present in reversed(streams):
     if present.size < 2 or symbols.size == 0:
       continue
-    index = np.zeros(int(present[-1]) + 1, np.int32)
-    index[present] = np.arange(present.size, dtype=np.int32)
-    coder.encode_reverse(index[symbols], _model(counts))
+    if int(present[0]) == 0 and int(present[-1]) == present.size - 1:
+      index = np.ascontiguousarray(symbols, np.int32)  # alphabet 0..m-1: symbols are indices
+    else:
+      lookup = np.zeros(int(present[-1]) + 1, np.int32)
+      lookup[present] = np.arange(present.size, dtype=np.int32)
+      index = lookup[symbols]
+    coder.encode_reverse(index, _model(counts))
     coded = True
   if not coded:
     return b""
@@ -71,7 +75,7 @@ def encode(streams: list[tuple[np.ndarray, np.ndarray, np.ndarray]]) -> bytes:
 
 def decode(payload: bytes, streams: list[tuple[int, np.ndarray, np.ndarray]],
            where: str) -> list[np.ndarray]:
-  """Inverse of `encode`: streams are (count, counts, present); returns int64 arrays.
+  """Inverse of `encode`: streams are (count, counts, present); returns int32 arrays.
 
   Raises FormatError (naming `where`) when the payload is malformed or does
   not end exactly after the last symbol (the coder must be empty).
@@ -88,15 +92,16 @@ def decode(payload: bytes, streams: list[tuple[int, np.ndarray, np.ndarray]],
   out = []
   for count, counts, present in streams:
     if count == 0:
-      out.append(np.zeros(0, np.int64))
+      out.append(np.zeros(0, np.int32))
     elif present.size < 2:
-      out.append(np.full(count, present[0], np.int64))
+      out.append(np.full(count, present[0], np.int32))
     else:
       try:
         idx = coder.decode(_model(counts), count)
       except Exception as e:
         raise FormatError(f"{where}: rANS decoding failed ({e})") from None
-      out.append(present[idx])
+      contiguous = int(present[0]) == 0 and int(present[-1]) == present.size - 1
+      out.append(idx if contiguous else present.astype(np.int32)[idx])
   if not coder.is_empty():
     raise FormatError(f"{where}: rANS payload has data left after the last symbol "
                       f"(corrupted or mismatched counts)")

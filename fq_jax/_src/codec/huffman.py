@@ -244,7 +244,7 @@ def _table(lengths: np.ndarray) -> np.ndarray:
 
 
 def decode_streams(streams: Sequence[Stream], lane: int) -> list[np.ndarray]:
-  """Decodes all `streams` together, lanes in lockstep; returns int64 symbol arrays.
+  """Decodes all `streams` together, lanes in lockstep; returns int32 symbol arrays.
 
   Raises FormatError (naming the stream's `where`) when a lane does not end
   exactly at its declared bit length.
@@ -342,5 +342,5 @@ def decode_streams(streams: Sequence[Stream], lane: int) -> list[np.ndarray]:
     last = s.count - lane * (nl - 1)
     idx = np.concatenate([np.add.outer(slots[:-1], step_base[:lane]).ravel(),
                           slots[-1] + step_base[:last]])
-    results.append(out[idx].astype(np.int64))
+    results.append(out[idx].astype(np.int32))
   return results

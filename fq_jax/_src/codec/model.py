@@ -93,10 +93,19 @@ def _next_pow2(n: int, minimum: int) -> int:
   return max(minimum, 1 << max(0, (int(n) - 1).bit_length()))
 
 
-def _entropy_of(symbols: np.ndarray) -> float:
+def _bucket(n: int) -> int:
+  """Padded kernel length: >= 4096, at most 1/8 above n (a few shapes per octave)."""
+  if n <= 4096:
+    return 4096
+  step = 1 << (int(n).bit_length() - 3)
+  return -(-n // step) * step
+
+
+def _entropy_bits(symbols: np.ndarray, hist: np.ndarray | None = None) -> float:
+  """Total zeroth-order entropy of a symbol stream (from its histogram if known)."""
   if symbols.size == 0:
     return 0.0
-  return container.entropy_bits(np.bincount(symbols))
+  return container.entropy_bits(np.bincount(symbols) if hist is None else hist)
 
 
 # ----------------------------------------------------------------------------
@@ -151,7 +160,7 @@ def batched_symbols(weights: list[np.ndarray], assignments: list[np.ndarray],
   total = sum(sizes)
   if total == 0:
     return [np.zeros(0, np.int32) for _ in weights]
-  n = _next_pow2(total, 4096)
+  n = _bucket(total)
   w = _pad_to(np.concatenate(weights).astype(np.float32, copy=False), n)
   a = _pad_to(np.concatenate(assignments).astype(bool, copy=False), n)
   layer = _pad_to(np.repeat(np.arange(len(sizes), dtype=np.int32), sizes), n)
@@ -165,7 +174,7 @@ def batched_values(symbols: list[np.ndarray], params: list[dict], dtype) -> list
   total = sum(sizes)
   if total == 0:
     return [np.zeros(0, dtype) for _ in symbols]
-  n = _next_pow2(total, 4096)
+  n = _bucket(total)
   s = _pad_to(np.concatenate(symbols).astype(np.int32, copy=False), n)
   layer = _pad_to(np.repeat(np.arange(len(sizes), dtype=np.int32), sizes), n)
   out = np.asarray(_values_kernel(s, layer, _param_table(params), dtype=jnp.dtype(dtype)))
@@ -220,13 +229,11 @@ def _model_bytes(lo: int, entries: np.ndarray) -> bytes:
   return bytes(out) + container.varint_array(entries)
 
 
-def _histogram(symbols: np.ndarray, alphabet: int) -> np.ndarray:
-  return np.bincount(symbols, minlength=alphabet) if symbols.size else np.zeros(alphabet, np.int64)
-
-
-def _stream_model(symbols: np.ndarray, alphabet: int, coder: str):
+def _stream_model(symbols: np.ndarray, alphabet: int, coder: str, hist=None):
   """(model bytes, histogram, present symbols, huffman lengths or None)."""
-  hist = _histogram(symbols, alphabet)
+  if hist is None:
+    hist = (np.bincount(symbols, minlength=alphabet) if symbols.size
+            else np.zeros(alphabet, np.int64))
   present = np.flatnonzero(hist)
   if present.size == 0:
     return _model_bytes(0, np.zeros(0, np.int64)), hist, present, None
@@ -237,18 +244,18 @@ def _stream_model(symbols: np.ndarray, alphabet: int, coder: str):
   return _model_bytes(lo, lengths[lo:hi]), hist, present, lengths
 
 
-def _coded_section(pos_symbols, run, sym_symbols, alphabet, coder, lane) -> bytes:
+def _coded_section(pos_symbols, run, sym_symbols, alphabet, coder, lane, pos_hist=None) -> bytes:
   """Models + payload for the position stream and (focused) the symbol stream."""
-  streams = [(pos_symbols, run + 1)]
+  streams = [(pos_symbols, run + 1, pos_hist)]
   if sym_symbols is not None:
-    streams.append((sym_symbols, alphabet))
-  models = [_stream_model(s, a, coder) for s, a in streams]
+    streams.append((sym_symbols, alphabet, None))
+  models = [_stream_model(s, a, coder, h) for s, a, h in streams]
   head = b"".join(m[0] for m in models)
   if coder == "ans":
-    payload = ans_lib.encode([(s, m[1], m[2]) for (s, _), m in zip(streams, models)])
+    payload = ans_lib.encode([(s, m[1], m[2]) for (s, _, _), m in zip(streams, models)])
   else:
     lanes, datas = [], []
-    for (s, _), m in zip(streams, models):
+    for (s, _, _), m in zip(streams, models):
       lane_bits, data = huffman_lib.encode(s, m[3], lane)
       lanes.append(container.varint_array(lane_bits))
       datas.append(data)
@@ -353,30 +360,32 @@ def encode_model(
       if mask.shape != arr.shape:
         raise ValueError(f"{path}: mask shape {mask.shape} != array shape {arr.shape}")
       entry["kind"] = "pruned"
-      indices, inverted = positions_lib.coded_indices(mask)
-      run = positions_lib.choose_run(positions_lib.gaps_of(indices))
+      kept_idx, indices, inverted = positions_lib.coded_indices(mask)
+      run, pos_hist = positions_lib.choose_run(positions_lib.gaps_of(indices), coder)
       pos = positions_lib.encode(indices, run)
-      kept = arr.reshape(-1)[mask.reshape(-1)]
+      kept = arr.reshape(-1).take(kept_idx)
       entry.update(kept=int(kept.size), inverted=inverted, run=run, npos=int(pos.size))
-      sections[-1] = (_coded_section(pos, run, None, 0, coder, huffman_lane)
+      sections[-1] = (_coded_section(pos, run, None, 0, coder, huffman_lane, pos_hist)
                       + kept.astype(_le(stored)).tobytes())
     else:
       entry["kind"] = "raw"
       sections[-1] = np.ascontiguousarray(arr).astype(_le(stored), copy=False).tobytes()
 
   if pending:
-    weights = [arr.reshape(-1)[mask.reshape(-1)].astype(np.float32) for _, arr, mask, _, _ in pending]
-    assigns = [a.reshape(-1)[m.reshape(-1)] for _, _, m, a, _ in pending]
+    coded = [positions_lib.coded_indices(mask) for _, _, mask, _, _ in pending]
+    weights = [arr.reshape(-1).take(c[0]).astype(np.float32, copy=False)
+               for (_, arr, _, _, _), c in zip(pending, coded)]
+    assigns = [a.reshape(-1).take(c[0]) for (_, _, _, a, _), c in zip(pending, coded)]
     symbols = batched_symbols(weights, assigns, [p[4] for p in pending])
-    for (i, arr, mask, _, params), sym in zip(pending, symbols):
+    del weights, assigns
+    for (i, arr, mask, _, params), sym, (_, indices, inverted) in zip(pending, symbols, coded):
       alphabet = _num_symbols(params)
       if sym.size and (int(sym.min()) < 0 or int(sym.max()) >= alphabet):
         raise ValueError(f"{entries[i]['path']}: symbols outside [0, {alphabet})")
-      indices, inverted = positions_lib.coded_indices(mask)
-      run = positions_lib.choose_run(positions_lib.gaps_of(indices))
+      run, pos_hist = positions_lib.choose_run(positions_lib.gaps_of(indices), coder)
       pos = positions_lib.encode(indices, run)
       entries[i].update(kept=int(sym.size), inverted=inverted, run=run, npos=int(pos.size))
-      sections[i] = _coded_section(pos, run, sym.astype(np.int64), alphabet, coder, huffman_lane)
+      sections[i] = _coded_section(pos, run, sym, alphabet, coder, huffman_lane, pos_hist)
 
   header = {"coder": coder, "metadata": metadata, "arrays": entries}
   if coder == "huffman":
@@ -389,6 +398,46 @@ def encode_model(
 # ----------------------------------------------------------------------------
 
 
+class _Lazy(Mapping):
+  """A read-only mapping whose values are built on first access (and cached)."""
+
+  def __init__(self, builders: dict):
+    self._builders = builders
+    self._values: dict = {}
+
+  def __getitem__(self, key):
+    if key not in self._values:
+      self._values[key] = self._builders[key]()
+    return self._values[key]
+
+  def __iter__(self):
+    return iter(self._builders)
+
+  def __len__(self):
+    return len(self._builders)
+
+  def __repr__(self):
+    return f"{{{', '.join(map(repr, self._builders))}}} (built on access)"
+
+
+def _full_symbols(size, shape, kept_idx, sym):
+  full = np.zeros(size, np.int32)
+  full[kept_idx] = sym
+  return full.reshape(shape)
+
+
+def _focus_state(p, size, shape, kept_idx, sym, mask):
+  """The FocusState of a decoded layer; m_w = (symbol >= 2^(k+1) + 1) for kept weights."""
+  assignment = np.zeros(size, bool)
+  if p["recentralized"]:
+    assignment[kept_idx] = sym >= 2 ** (p["bits"] - 2) + 1
+  return quantizers.FocusState(
+      recentralized=np.bool_(p["recentralized"]), bits=np.int32(p["bits"]),
+      means=np.array(p["means"], np.float32), sigma=np.float32(p["sigma"]),
+      bias=np.int32(p["bias"]), assignment=assignment.reshape(shape), mask=mask,
+      alpha=np.float32(p["alpha"]), gmm=p["gmm"], separation=p["separation"])
+
+
 @dataclasses.dataclass
 class DecodedModel:
   """What `decode_model` rebuilds from a file.
@@ -398,8 +447,10 @@ class DecodedModel:
       their quantized values, pruned entries are 0).
     focus: path -> `fq.FocusState` of focused layers (NumPy fields; the
       assignment is derived from the symbols, the mask from the positions).
+      Built on first access.
     masks: path -> bool keep-mask of focused and pruned layers.
-    symbols: path -> int32 symbols of focused layers (0 where pruned).
+    symbols: path -> int32 symbols of focused layers (0 where pruned), as
+      `fq.focused_symbols` gives them. Built on first access.
     metadata: the header's metadata dict.
     coder: "ans" or "huffman".
     version: (major, minor) format version.
@@ -412,9 +463,9 @@ class DecodedModel:
   """
 
   arrays: dict[str, np.ndarray]
-  focus: dict[str, quantizers.FocusState]
+  focus: Mapping[str, quantizers.FocusState]
   masks: dict[str, np.ndarray]
-  symbols: dict[str, np.ndarray]
+  symbols: Mapping[str, np.ndarray]
   metadata: dict
   coder: str
   version: tuple[int, int]
@@ -485,14 +536,12 @@ class _Validator:
       return np.float32(table[value])
     if isinstance(value, bool) or not isinstance(value, (int, float)):
       self.fail(field, f"must be a number, got {type(value).__name__}")
-    with np.errstate(over="ignore"):
-      try:
-        v = np.float32(float(value))
-      except OverflowError:
-        self.fail(field, "overflows")
-    if np.isinf(v) and math.isfinite(float(value)):
-      self.fail(field, f"= {value} overflows float32")
-    return v
+    try:
+      x = float(value)
+      struct.pack("<f", x)  # OverflowError past the float32 range
+    except OverflowError:
+      self.fail(field, f"= {str(value)[:40]} overflows float32")
+    return np.float32(x)
 
   def f32_pair(self, obj, key, field):
     v = self.get(obj, key, list, field)
@@ -559,6 +608,8 @@ class _Layer:
   values: bytes | None = None
   params: dict | None = None
   coded_bytes: int = 0
+  pos_hist: np.ndarray | None = None
+  sym_hist: np.ndarray | None = None
 
 
 def decode_model(data: bytes, *, max_output_bytes: int | None = None) -> DecodedModel:
@@ -710,9 +761,9 @@ def _decode(data, max_output_bytes) -> DecodedModel:
       decoded = ans_lib.decode(data[payload_start:payload_end], streams,
                                f"{name} payload at file offset {payload_start}")
       for (table, count, what), d in zip(tables, decoded):
-        if count and not np.array_equal(np.bincount(d, minlength=table.size), table):
-          r.fail(f"decoded {what} symbols do not match their counts", payload_start)
         setattr(layer, what, d)
+      layer.pos_hist = pos_table  # rANS tables are the exact histograms
+      layer.sym_hist = sym_table
       continue
     # Huffman: lane lengths, then the streams' bytes.
     pr = Reader(data, payload_start, payload_end, f"{name} payload")
@@ -734,7 +785,7 @@ def _decode(data, max_output_bytes) -> DecodedModel:
     for (table, count, what), bits in zip(tables, lane_info):
       if bits is None:
         present = np.flatnonzero(table)
-        setattr(layer, what, np.full(count, present[0] if present.size else 0, np.int64))
+        setattr(layer, what, np.full(count, present[0] if present.size else 0, np.int32))
         continue
       nbytes = container.ceil_div(int(bits.sum()), 8)
       stream_start = pr.pos
@@ -774,28 +825,31 @@ def _decode(data, max_output_bytes) -> DecodedModel:
         raise FormatError(f"{name} at file offset {start}: bool bytes must be 0 or 1")
       arrays[path] = raw.astype(DTYPES[dtype]).reshape(layer.shape)
       continue
-    indices = positions_lib.decode(layer.pos, entry["run"], layer.coded, layer.size,
-                                   f"{name} position code")
+    run = entry["run"]
+    escapes = layer.pos_hist is None or run >= layer.pos_hist.size or layer.pos_hist[run] > 0
+    indices = positions_lib.decode(layer.pos, run, layer.coded, layer.size,
+                                   f"{name} position code", escapes=escapes)
     if entry["inverted"]:
       mask = np.ones(layer.size, bool)
       mask[indices] = False
+      kept_idx = np.flatnonzero(mask)
     else:
       mask = np.zeros(layer.size, bool)
       mask[indices] = True
+      kept_idx = indices
     masks[path] = mask.reshape(layer.shape)
     info.update(kept=layer.kept, coded_bytes=layer.coded_bytes, npos=int(layer.pos.size),
-                position_entropy_bits=_entropy_of(layer.pos))
+                position_entropy_bits=_entropy_bits(layer.pos, layer.pos_hist))
     if layer.kind == "pruned":
       out = np.zeros(layer.size, DTYPES[dtype])
       kept = np.frombuffer(layer.values, _le(entry["stored"]))
       if entry["stored"] == "bool" and kept.size and kept.view(np.uint8).max() > 1:
         raise FormatError(f"{name}: bool bytes must be 0 or 1")
-      out[mask] = kept.astype(DTYPES[dtype])
+      out[kept_idx] = kept.astype(DTYPES[dtype], copy=False)
       arrays[path] = out.reshape(layer.shape)
     else:
-      sym = layer.sym.astype(np.int32)
-      info["symbol_entropy_bits"] = _entropy_of(sym)
-      focused_groups.setdefault(dtype, []).append((layer, mask, sym))
+      info["symbol_entropy_bits"] = _entropy_bits(layer.sym, layer.sym_hist)
+      focused_groups.setdefault(dtype, []).append((layer, kept_idx, layer.sym))
     info["entropy_bound_bytes"] = (info["position_entropy_bits"]
                                    + info["symbol_entropy_bits"]) / 8
     if layer.params is not None:
@@ -805,25 +859,17 @@ def _decode(data, max_output_bytes) -> DecodedModel:
                   alpha=float(p["alpha"]))
   for dtype, group in focused_groups.items():
     values = batched_values([g[2] for g in group], [g[0].params for g in group], DTYPES[dtype])
-    for (layer, mask, sym), val in zip(group, values):
+    for (layer, kept_idx, sym), val in zip(group, values):
       path = layer.entry["path"]
       p = layer.params
       out = np.zeros(layer.size, DTYPES[dtype])
-      out[mask] = val
+      out[kept_idx] = val
       arrays[path] = out.reshape(layer.shape)
-      full = np.zeros(layer.size, np.int32)
-      full[mask] = sym
-      full = full.reshape(layer.shape)
-      symbols_out[path] = full
-      k = p["bits"] - (3 if p["recentralized"] else 2)
-      assignment = (full >= 2 ** (k + 1) + 1) if p["recentralized"] else np.zeros(layer.shape, bool)
-      focus[path] = quantizers.FocusState(
-          recentralized=np.bool_(p["recentralized"]), bits=np.int32(p["bits"]),
-          means=np.array(p["means"], np.float32), sigma=np.float32(p["sigma"]),
-          bias=np.int32(p["bias"]), assignment=assignment & masks[path], mask=masks[path],
-          alpha=np.float32(p["alpha"]), gmm=p["gmm"], separation=p["separation"])
+      symbols_out[path] = functools.partial(_full_symbols, layer.size, layer.shape, kept_idx, sym)
+      focus[path] = functools.partial(_focus_state, p, layer.size, layer.shape, kept_idx, sym,
+                                      masks[path])
   arrays = {layer.entry["path"]: arrays[layer.entry["path"]] for layer in layers}
-  return DecodedModel(arrays=arrays, focus=focus, masks=masks, symbols=symbols_out,
+  return DecodedModel(arrays=arrays, focus=_Lazy(focus), masks=masks, symbols=_Lazy(symbols_out),
                       metadata=metadata, coder=coder, version=(major, minor),
                       file_bytes=len(data), header_bytes=header_end, layers=infos)
 

@@ -18,12 +18,13 @@ MAX_RUN = 1 << 16  # largest escape value R the encoder picks (a file may use up
 FORMAT_MAX_RUN = 1 << 24
 
 
-def coded_indices(mask: np.ndarray) -> tuple[np.ndarray, bool]:
-  """Flat indices to code and whether they are the pruned ones (inverted)."""
+def coded_indices(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray, bool]:
+  """(kept flat indices, indices to code, inverted): the pruned ones are coded
+  instead of the kept ones when they are fewer."""
   flat = mask.reshape(-1)
-  kept = int(np.count_nonzero(flat))
-  inverted = kept * 2 > flat.size
-  return np.flatnonzero(~flat if inverted else flat), inverted
+  kept = np.flatnonzero(flat)
+  inverted = kept.size * 2 > flat.size
+  return kept, (np.flatnonzero(~flat) if inverted else kept), inverted
 
 
 def _varint_bytes(counts: np.ndarray) -> np.ndarray:
@@ -31,27 +32,48 @@ def _varint_bytes(counts: np.ndarray) -> np.ndarray:
   return 1 + np.floor(np.log2(c) / 7)
 
 
-def _estimated_bits(hist: np.ndarray, run: int) -> float:
-  """Zeroth-order bits of the gap symbols plus the table bytes, for escape value `run`."""
+# Tie-breaker per coded symbol (bits): among escape values of (nearly) equal
+# entropy -- all of them for geometric gaps -- prefer fewer symbols (speed).
+SYMBOL_PENALTY_BITS = 0.02
+
+
+def _estimated_bits(hist: np.ndarray, run: int, coder: str) -> float:
+  """Estimated bits of the gap symbols (payload + table) for escape value `run`."""
   g = np.arange(hist.size)
   escapes = float(np.dot(hist, g // run))
   counts = np.append(np.bincount(g % run, weights=hist, minlength=run), escapes)
   present = np.flatnonzero(counts)
   table = counts[present[0]:present[-1] + 1]
   nz = counts[present]
-  bits = -(nz * np.log2(nz / nz.sum())).sum()
-  return bits + 8.0 * (_varint_bytes(table).sum() + 4)
+  total = nz.sum()
+  if coder == "huffman" and present.size > 1:
+    # Lazy import: huffman imports nothing from here, but keep the modules independent.
+    from fq_jax._src.codec import huffman
+    bits = float(np.dot(nz, huffman.code_lengths(np.rint(nz).astype(np.int64))[:present.size]))
+    table_bytes = table.size + 4
+  else:
+    bits = float(-(nz * np.log2(nz / total)).sum())
+    table_bytes = _varint_bytes(table).sum() + 4
+  return bits + 8.0 * table_bytes + SYMBOL_PENALTY_BITS * total
 
 
-def choose_run(gaps: np.ndarray) -> int:
-  """Escape value R (>= 1) minimising the estimated size of the gap symbols."""
+def choose_run(gaps: np.ndarray, coder: str = "ans") -> tuple[int, np.ndarray]:
+  """Escape value R (>= 1) minimising the estimated size of the gap symbols, and
+  the histogram (length R + 1) of the symbols that `encode` will produce with it."""
   if gaps.size == 0:
-    return 1
+    return 1, np.zeros(2, np.int64)
   hist = np.bincount(gaps).astype(np.float64)
-  candidates = {1 << j for j in range(17) if (1 << j) < hist.size}
-  if hist.size <= MAX_RUN:
+  limit = MAX_RUN if coder == "ans" else 1 << 12
+  # Escape values far below the mean gap only multiply the symbols: start at mean / 4.
+  low = max(0, int(np.log2(max(1.0, gaps.mean() / 4))))
+  candidates = {1 << j for j in range(low, 17) if (1 << j) < min(hist.size, limit + 1)}
+  if hist.size <= limit:
     candidates.add(hist.size)  # no escapes at all
-  return min(sorted(candidates), key=lambda r: _estimated_bits(hist, r))
+  run = min(sorted(candidates), key=lambda r: _estimated_bits(hist, r, coder))
+  g = np.arange(hist.size)
+  counts = np.bincount(g % run, weights=hist, minlength=run + 1)
+  counts[run] = np.dot(hist, g // run)
+  return run, np.rint(counts).astype(np.int64)
 
 
 def gaps_of(indices: np.ndarray) -> np.ndarray:
@@ -72,17 +94,31 @@ def encode(indices: np.ndarray, run: int) -> np.ndarray:
   return out
 
 
-def decode(symbols: np.ndarray, run: int, num_coded: int, size: int, where: str) -> np.ndarray:
-  """Flat indices from gap symbols; checks they stay inside an array of `size`."""
+def decode(symbols: np.ndarray, run: int, num_coded: int, size: int, where: str,
+           escapes: bool = True) -> np.ndarray:
+  """Flat indices from gap symbols; checks they stay inside an array of `size`.
+
+  `escapes=False` promises that the escape symbol does not occur (its table
+  entry is empty), which skips the escape handling.
+  """
   if symbols.size == 0:
     if num_coded:
       raise FormatError(f"{where}: no position symbols for {num_coded} positions")
     return np.zeros(0, np.int64)
-  if symbols[-1] == run:
-    raise FormatError(f"{where}: position code ends in an escape")
-  advance = np.where(symbols == run, run, symbols + 1)
-  ends = np.cumsum(advance) - 1
-  indices = ends[symbols != run]
+  # int32 running sums when they cannot overflow (each symbol advances <= run + 1).
+  acc = np.int32 if (symbols.size + 1) * (run + 1) < 1 << 31 else np.int64
+  if symbols.size != num_coded or escapes:
+    if symbols[-1] == run:
+      raise FormatError(f"{where}: position code ends in an escape")
+    not_escape = symbols != run
+    advance = symbols.astype(acc, copy=True)
+    advance += not_escape  # an escape advances by run, any other symbol s by s + 1
+    indices = np.cumsum(advance, dtype=acc)[not_escape]
+  else:
+    advance = symbols.astype(acc, copy=True)
+    advance += 1
+    indices = np.cumsum(advance, dtype=acc)
+  indices -= 1
   if indices.size != num_coded:
     raise FormatError(f"{where}: position code gives {indices.size} positions, "
                       f"not {num_coded}")
