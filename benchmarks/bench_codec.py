@@ -99,7 +99,7 @@ def compress_like_cli(arrays: dict, sparsity: float, bits: int, kernels_only=Tru
   for i, (path, w) in enumerate(arrays.items()):
     if w.ndim < 2 or not np.issubdtype(w.dtype, np.floating):
       continue
-    mask = np.asarray(fq.magnitude_mask(w, sparsity))
+    mask = cli.magnitude_mask(w, sparsity)
     focus[path] = cli.focus_layer(w, mask, jax.random.fold_in(key, i), bits=bits, w_sep=2.0,
                                   recentralize=True)
   return focus

@@ -159,6 +159,21 @@ def load_npz(path: str) -> dict:
   return arrays
 
 
+def magnitude_mask(w, sparsity: float):
+  """`fq.magnitude_mask` computed on the host (no per-shape compilation).
+
+  Keeps the largest magnitudes: exactly round(sparsity * size) entries are
+  pruned, ties broken by position, NaNs never pruned.
+  """
+  import numpy as np
+
+  a = np.abs(np.asarray(w, np.float32).reshape(-1))
+  a[np.isnan(a)] = np.inf
+  mask = np.ones(a.size, bool)
+  mask[np.argsort(a, kind="stable")[:round(sparsity * a.size)]] = False
+  return mask.reshape(np.shape(w))
+
+
 def _bucket(n: int) -> int:
   """Padded length for the jitted focus: one compile covers all small layers."""
   size = 1 << 16
@@ -238,8 +253,7 @@ def _run_compress(args) -> int:
     spec = specs[path]
     if spec is None:
       continue
-    mask = (np.asarray(fq.magnitude_mask(w.astype(np.float32), spec.sparsity)) if spec.prune
-            else np.ones(w.shape, bool))
+    mask = magnitude_mask(w, spec.sparsity) if spec.prune else np.ones(w.shape, bool)
     if spec.quantize:
       focus[path] = focus_layer(w, mask, jax.random.fold_in(root, i), bits=spec.bits,
                                 w_sep=spec.w_sep, recentralize=spec.recentralize)

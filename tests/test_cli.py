@@ -158,6 +158,15 @@ def test_python_dash_m_reports_one_line(tmp_path):
   assert proc.stderr.strip().splitlines() == [f"fq-jax: error: {tmp_path / 'no.fqz'}: no such file"]
 
 
+def test_host_magnitude_mask_matches_the_library():
+  rng = np.random.default_rng(0)
+  w = rng.normal(size=(6, 7)).astype(np.float32)
+  w[0, :3] = 0.5  # ties
+  w[1, 1] = np.nan
+  for s in (0.0, 0.3, 0.5, 0.9):
+    np.testing.assert_array_equal(cli.magnitude_mask(w, s), np.asarray(fq.magnitude_mask(w, s)))
+
+
 def test_commands_are_registered_in_one_place():
   names = [c.name for c in cli.COMMANDS]
   assert names[:3] == ["compress", "inspect", "decompress"]

@@ -266,8 +266,11 @@ def test_encode_rejects_bad_input():
     fq.encode_model({"o": np.array([None, 1], dtype=object)})
   with pytest.raises(ValueError, match="not in arrays"):
     fq.encode_model({"w": w}, focus={"v": state})
-  with pytest.raises(ValueError, match="float32, bfloat16 or float16"):
-    fq.encode_model({"w": w.astype(np.float64)}, focus={"w": state})
+  with pytest.raises(ValueError, match="must be a float array"):
+    fq.encode_model({"w": np.arange(16).reshape(4, 4)}, focus={"w": state})
+  wide = fq.decode_model(fq.encode_model({"w": w.astype(np.float64)}, focus={"w": state}))
+  narrow = fq.decode_model(fq.encode_model({"w": w}, focus={"w": state}))
+  assert same(wide.arrays["w"], narrow.arrays["w"].astype(np.float64))
   with pytest.raises(ValueError, match="differs"):
     fq.encode_model({"w": w}, focus={"w": state}, masks={"w": ~state.mask})
   with pytest.raises(ValueError, match="coder"):

@@ -184,12 +184,13 @@ def pack(header: dict, sections: list[bytes]) -> bytes:
   return b"".join([head, struct.pack("<I", crc), stored, *sections])
 
 
-def unpack(data) -> tuple[dict, list[tuple[int, int]], int]:
+def unpack(data, max_header_bytes: int = MAX_HEADER_RAW) -> tuple[dict, list[tuple[int, int]], int]:
   """Validates the frame; returns (header dict, [(section start, end)], header end).
 
   Checks the magic, version, header CRC, inflated size, JSON syntax and that
   the declared sections tile the file exactly with matching CRCs. The header's
-  content (shapes, kinds, ...) is validated by the caller.
+  content (shapes, kinds, ...) is validated by the caller. `max_header_bytes`
+  caps the inflated JSON (parsed JSON takes ~10x its size in memory).
   """
   size = len(data)
   if size < PREAMBLE_SIZE:
@@ -212,6 +213,9 @@ def unpack(data) -> tuple[dict, list[tuple[int, int]], int]:
                       f"file bytes 0..{header_end}: corrupted preamble or header")
   if raw_len > MAX_HEADER_RAW or raw_len > MAX_INFLATE_RATIO * max(stored_len, 1):
     raise FormatError(f"implausible inflated header size {raw_len} at offset 16")
+  if raw_len > max_header_bytes:
+    raise FormatError(f"inflated header size {raw_len} at offset 16 exceeds the allowed "
+                      f"{max_header_bytes} bytes (max_output_bytes / 16)")
   try:
     d = zlib.decompressobj()
     raw = d.decompress(header_bytes, raw_len + 1)

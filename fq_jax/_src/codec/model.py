@@ -53,7 +53,8 @@ DTYPES: dict[str, np.dtype] = {
         ("bfloat16", ml_dtypes.bfloat16), ("float32", np.float32), ("float64", np.float64)]
 }
 FLOATS = ("float16", "bfloat16", "float32", "float64")
-FOCUSED_DTYPES = ("float16", "bfloat16", "float32")
+# float64 layers are quantized in float32 (as JAX without x64 would) and widened exactly.
+FOCUSED_DTYPES = ("float16", "bfloat16", "float32", "float64")
 MAX_NDIM = 32
 # Default decoding allowance: what the decoder may allocate, in bytes.
 DEFAULT_EXPANSION = 1024
@@ -177,7 +178,11 @@ def batched_values(symbols: list[np.ndarray], params: list[dict], dtype) -> list
   n = _bucket(total)
   s = _pad_to(np.concatenate(symbols).astype(np.int32, copy=False), n)
   layer = _pad_to(np.repeat(np.arange(len(sizes), dtype=np.int32), sizes), n)
-  out = np.asarray(_values_kernel(s, layer, _param_table(params), dtype=jnp.dtype(dtype)))
+  wide = np.dtype(dtype) == np.float64
+  out = np.asarray(_values_kernel(s, layer, _param_table(params),
+                                  dtype=jnp.dtype(np.float32 if wide else dtype)))
+  if wide:
+    out = out.astype(np.float64)
   return np.split(out[:total], np.cumsum(sizes)[:-1])
 
 
@@ -285,7 +290,8 @@ def encode_model(
       weights are stored as symbols; the decoded values are
       `fq.focused_values(fq.focused_symbols(w, state), state)` at every kept
       position (whatever the INQ progress) and 0 elsewhere. The layer must
-      be float32, bfloat16 or float16.
+      be float32, bfloat16 or float16 (float64 is quantized in float32 and
+      widened exactly).
     masks: path -> bool keep-mask for arrays pruned but not quantized
       (positions + kept values are stored; pruned entries decode as 0). A
       mask given for a focused path must equal the FocusState's mask.
@@ -338,8 +344,7 @@ def encode_model(
     sections.append(None)
     if path in focus:
       if name not in FOCUSED_DTYPES:
-        raise ValueError(f"{path}: a focused layer must be float32, bfloat16 or float16, "
-                         f"not {name}")
+        raise ValueError(f"{path}: a focused layer must be a float array, not {name}")
       state = focus[path]
       mask = np.broadcast_to(np.asarray(state.mask, bool), arr.shape)
       if path in masks and not np.array_equal(np.asarray(masks[path], bool), mask):
@@ -628,6 +633,8 @@ def decode_model(data: bytes, *, max_output_bytes: int | None = None) -> Decoded
     FormatError: for any malformed, truncated, corrupted or oversized input;
       the message names the section and byte offset at fault.
   """
+  if not isinstance(data, (bytes, bytearray, memoryview)):
+    raise TypeError(f"decode_model needs bytes, got {type(data).__name__}")
   try:
     return _decode(data, max_output_bytes)
   except FormatError:
@@ -639,12 +646,10 @@ def decode_model(data: bytes, *, max_output_bytes: int | None = None) -> Decoded
 
 
 def _decode(data, max_output_bytes) -> DecodedModel:
-  if not isinstance(data, (bytes, bytearray, memoryview)):
-    raise TypeError(f"decode_model needs bytes, got {type(data).__name__}")
   data = bytes(data)
   if max_output_bytes is None:
     max_output_bytes = DEFAULT_EXPANSION * len(data) + DEFAULT_ALLOWANCE
-  header, spans, header_end = container.unpack(data)
+  header, spans, header_end = container.unpack(data, max_output_bytes // 16)
   major, minor = struct.unpack_from("<HH", data, 8)
   v = _Validator("header")
   coder = v.get(header, "coder", str)
