@@ -1,5 +1,5 @@
 """fq-jax: Focused Quantization for sparse CNNs, as pure JAX functions."""
-from fq_jax._src.gmm import GMM, fit_gmm, gmm_log_likelihood, gmm_posterior, wasserstein_separation
+from fq_jax._src.gmm import GMM, fit_gmm, fit_gmms, gmm_log_likelihood, gmm_posterior, wasserstein_separation
 from fq_jax._src.quantizers import (FocusState, focus, focused_quantize, focused_symbols, focused_values,
     num_symbols, overflow_bias, round_to_power_of_two, shift_quantize)
 from fq_jax._src.rules import DEFAULT_RULES, LayerSpec, Rule, leaf_paths, path_str, resolve

@@ -111,10 +111,10 @@ def _binned_stats(x, kept, num_bins) -> _Stats:
   width = jnp.where(hi > lo, hi - lo, 1.0)
   idx = jnp.clip(((x - lo) / width * num_bins).astype(jnp.int32), 0, num_bins - 1)
   c = kept.astype(jnp.float32)
-  zeros = jnp.zeros(num_bins, jnp.float32)
-  count = zeros.at[idx].add(c)
-  total = zeros.at[idx].add(c * x)
-  squares = zeros.at[idx].add(c * x * x)
+  # One scatter of (count, sum, sum of squares) rows: a single pass.
+  sums = jnp.zeros((num_bins, 3), jnp.float32).at[idx].add(
+      jnp.stack([c, c * x, c * x * x], axis=-1))
+  count, total, squares = sums[:, 0], sums[:, 1], sums[:, 2]
   point = jnp.where(count > 0, total / jnp.maximum(count, 1.0),
                     lo + (jnp.arange(num_bins) + 0.5) * width / num_bins)
   return _Stats(count, total, squares, point)
@@ -224,26 +224,89 @@ def fit_gmm(
     [-1.0, 1.0]
   """
   x, kept = _kept(w, mask)
-  empty = GMM(weights=jnp.full((2,), 0.5, jnp.float32),
-              means=jnp.zeros((2,), jnp.float32),
-              stds=jnp.ones((2,), jnp.float32))
   if x.size == 0:
-    return empty
+    return _EMPTY_GMM()
+  binned = bool(num_bins) and x.size > num_bins
+  prepared = _prepare(x, kept, num_bins if binned else None)
+  fitted = _run_em(prepared.init, prepared.stats, num_iters, tol)
+  return _finish(fitted, prepared)
+
+
+def fit_gmms(
+    ws,
+    masks=None,
+    *,
+    num_iters: int = 200,
+    tol: float = 1e-7,
+    num_bins: int = 65536,
+) -> GMM:
+  """Fits one mixture per layer, all layers in one batched EM.
+
+  Every layer is reduced to a `num_bins` histogram of exact per-bin sums (one
+  pass over its weights), the histograms are stacked, and EM runs vmapped over
+  them: one compiled loop for a whole network instead of one per layer.
+
+  Args:
+    ws: a sequence of weight arrays (any shapes).
+    masks: a sequence of keep-masks or Nones (default: all kept).
+    num_iters: maximum EM iterations.
+    tol: EM tolerance, as in `fit_gmm`.
+    num_bins: histogram size.
+
+  Returns:
+    A `GMM` whose arrays have shape (len(ws), 2).
+
+  Example:
+    >>> import jax, jax.numpy as jnp, fq_jax as fq
+    >>> ws = [jax.random.normal(jax.random.key(i), (100 * (i + 1),)) + i for i in range(3)]
+    >>> fq.fit_gmms(ws).means.shape
+    (3, 2)
+  """
+  masks = [None] * len(ws) if masks is None else list(masks)
+  if not ws:
+    raise ValueError("fit_gmms needs at least one layer")
+  prepared = [_prepare(*_kept(w, m), num_bins) for w, m in zip(ws, masks)]
+  stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *prepared)
+  fitted = jax.vmap(lambda init, stats: _run_em(init, stats, num_iters, tol))(
+      stacked.init, stacked.stats)
+  return jax.vmap(_finish)(fitted, stacked)
+
+
+def _EMPTY_GMM() -> GMM:
+  return GMM(weights=jnp.full((2,), 0.5, jnp.float32),
+             means=jnp.zeros((2,), jnp.float32),
+             stds=jnp.ones((2,), jnp.float32))
+
+
+class _Prepared(NamedTuple):
+  init: GMM
+  stats: _Stats
+  n: jax.Array
+  mean: jax.Array
+  scale: jax.Array
+
+
+def _prepare(x, kept, num_bins) -> _Prepared:
+  """Standardises the kept weights and builds the initial mixture and EM statistics."""
   n, mean, var = _masked_moments(x, kept)
   scale = jnp.sqrt(var)
   safe_scale = jnp.where(scale > 0, scale, 1.0)
   xs = jnp.where(kept, (x - mean) / safe_scale, 0.0)
-  floor = jnp.float32(_REL_VAR_FLOOR)
-
   two_signed = jnp.any(kept & (x < 0)) & jnp.any(kept & (x >= 0))
   split = jnp.where(two_signed, -mean / safe_scale, 0.0)
-  init = _initial_gmm(xs, kept, split)
-  stats = (_binned_stats(xs, kept, num_bins) if num_bins and x.size > num_bins
-           else _exact_stats(xs, kept))
+  stats = _binned_stats(xs, kept, num_bins) if num_bins else _exact_stats(xs, kept)
+  return _Prepared(_initial_gmm(xs, kept, split), stats, n, mean, scale)
 
-  # `_em_step` scores its input, so the loop stops one step after the gain of
-  # a step falls under `tol`; EM never lowers the likelihood, so the last
-  # iterate is the best.
+
+def _run_em(init: GMM, stats: _Stats, num_iters, tol) -> GMM:
+  """EM until the gain of a step falls under `tol` (or `num_iters`).
+
+  `_em_step` scores its input, so the loop stops one step after the gain
+  falls under `tol`; EM never lowers the likelihood, so the last iterate is
+  the best.
+  """
+  floor = jnp.float32(_REL_VAR_FLOOR)
+
   def cond(carry):
     i, _, ll, prev_ll = carry
     return (i < num_iters) & ((i < 2) | (ll - prev_ll > tol))
@@ -254,16 +317,21 @@ def fit_gmm(
     return i + 1, new, gmm_ll, ll
 
   _, fitted, _, _ = jax.lax.while_loop(
-      cond, body, (jnp.int32(0), init, -jnp.inf, -jnp.inf))
+      cond, body, (jnp.int32(0), init, -jnp.float32(jnp.inf), -jnp.float32(jnp.inf)))
+  return fitted
 
-  # Map back to the weights' scale, and order components (negative first).
+
+def _finish(fitted: GMM, prepared: _Prepared) -> GMM:
+  """Maps the standardised fit back to the weights' scale, negative component first."""
+  scale, mean = prepared.scale, prepared.mean
+  safe_scale = jnp.where(scale > 0, scale, 1.0)
   means = fitted.means * safe_scale + mean
   stds = fitted.stds * safe_scale
   stds = jnp.where(scale > 0, stds,
                    jnp.sqrt(_REL_VAR_FLOOR) * jnp.maximum(jnp.abs(mean), 1e-12))
   order = jnp.argsort(means)
   result = GMM(weights=fitted.weights[order], means=means[order], stds=stds[order])
-  return jax.tree.map(lambda a, b: jnp.where(n > 0, a, b), result, empty)
+  return jax.tree.map(lambda a, b: jnp.where(prepared.n > 0, a, b), result, _EMPTY_GMM())
 
 
 def gmm_log_likelihood(

@@ -101,7 +101,7 @@ def shift_quantize(x: jax.Array, *, bits: int, bias) -> jax.Array:
   Example:
     >>> import jax.numpy as jnp, fq_jax as fq
     >>> fq.shift_quantize(jnp.array([0.3, -0.7, 5.0, 0.01]), bits=4, bias=3)
-    Array([ 0.25 , -0.5  ,  1.   ,  0.   ], dtype=float32)
+    Array([ 0.25, -0.5 ,  1.  ,  0.  ], dtype=float32)
   """
   k = bits - 2
   return shift_values(shift_symbols(x, k, bias), k, bias).astype(jnp.asarray(x).dtype)
@@ -253,6 +253,7 @@ def focus(
     num_iters: int = 200,
     tol: float = 1e-7,
     include_pruned_in_separation: bool = False,
+    gmm: gmm_lib.GMM | None = None,
 ) -> FocusState:
   """Derives one layer's focused quantizer from its weights (paper Sec. 3).
 
@@ -278,6 +279,8 @@ def focus(
     num_iters: EM iterations (at most).
     tol: EM tolerance, see `fit_gmm`.
     include_pruned_in_separation: count pruned zeros in Eq. 4's sigma^2.
+    gmm: an already fitted mixture (e.g. one row of `fq.fit_gmms`); fitted
+      here when None.
 
   Returns:
     The layer's `FocusState`, alpha initialised to 1.
@@ -293,7 +296,8 @@ def focus(
     raise ValueError(f"bits must be in [{MIN_BITS}, {MAX_BITS}], got {bits}")
   kept = (jnp.ones(jnp.shape(w), bool) if mask is None
           else jnp.asarray(mask, bool)) & jnp.isfinite(w)
-  gmm = gmm_lib.fit_gmm(w, kept, num_iters=num_iters, tol=tol)
+  if gmm is None:
+    gmm = gmm_lib.fit_gmm(w, kept, num_iters=num_iters, tol=tol)
   separation = gmm_lib.wasserstein_separation(
       gmm, w, kept, include_pruned=include_pruned_in_separation)
   recentralized = jnp.asarray(

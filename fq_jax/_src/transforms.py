@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from fq_jax._src import gmm as gmm_lib
 from fq_jax._src import masks as masks_lib
 from fq_jax._src import quantizers
 from fq_jax._src import rules as rules_lib
@@ -399,15 +400,19 @@ def focused_quantization(
     ws = treedef.flatten_up_to(params)
     ms = treedef.flatten_up_to(masks)
     old = [None] * len(leaves) if alphas is None else treedef.flatten_up_to(alphas)
-    out = []
-    for i, (s, w, m, a) in enumerate(zip(leaves, ws, ms, old)):
-      if s is None or not s.quantize:
-        out.append(None)
-        continue
+    todo = [i for i, s in enumerate(leaves) if s is not None and s.quantize]
+    out = [None] * len(leaves)
+    if not todo:
+      return treedef.unflatten(out)
+    # One batched EM for the whole network (one compiled loop, not one per layer).
+    gmms = gmm_lib.fit_gmms([ws[i] for i in todo], [ms[i] for i in todo],
+                            num_iters=gmm_iters)
+    for j, i in enumerate(todo):
+      s = leaves[i]
       f = quantizers.focus(
-          w, m, jax.random.fold_in(rng, i), bits=s.bits, w_sep=s.w_sep,
-          recentralize=s.recentralize, num_iters=gmm_iters)
-      out.append(f if a is None else f._replace(alpha=a))
+          ws[i], ms[i], jax.random.fold_in(rng, i), bits=s.bits, w_sep=s.w_sep,
+          recentralize=s.recentralize, gmm=jax.tree.map(lambda x: x[j], gmms))
+      out[i] = f if old[i] is None else f._replace(alpha=old[i])
     return treedef.unflatten(out)
 
   def inq_all(focus, params, current, stage):
