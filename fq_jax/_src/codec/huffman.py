@@ -33,22 +33,26 @@ DEFAULT_LANE = 1024
 
 
 def _huffman_lengths(weights: Sequence[int]) -> list[int]:
-  """Plain Huffman code lengths (>= 1) for >= 2 positive weights."""
-  heap = [(w, i, (i,)) for i, w in enumerate(weights)]
+  """Plain Huffman code lengths (>= 1) for >= 2 positive weights.
+
+  Merges the two lightest nodes (ties: lower node id first, leaves before
+  merged nodes) and returns each leaf's depth in the resulting tree.
+  """
+  n = len(weights)
+  heap = [(w, i) for i, w in enumerate(weights)]
   heapq.heapify(heap)
-  lengths = [0] * len(weights)
-  tie = len(weights)
+  parent = [0] * (2 * n - 1)
+  node = n
   while len(heap) > 1:
-    w1, _, s1 = heapq.heappop(heap)
-    w2, _, s2 = heapq.heappop(heap)
-    for s in s1:
-      lengths[s] += 1
-    for s in s2:
-      lengths[s] += 1
-    merged = s1 + s2 if len(s1) >= len(s2) else s2 + s1
-    heapq.heappush(heap, (w1 + w2, tie, merged))
-    tie += 1
-  return lengths
+    w1, a = heapq.heappop(heap)
+    w2, b = heapq.heappop(heap)
+    parent[a] = parent[b] = node
+    heapq.heappush(heap, (w1 + w2, node))
+    node += 1
+  depth = [0] * (2 * n - 1)
+  for i in range(2 * n - 3, -1, -1):  # parents are created after their children
+    depth[i] = depth[parent[i]] + 1
+  return depth[:n]
 
 
 def _package_merge(weights: Sequence[int], max_len: int) -> list[int]:

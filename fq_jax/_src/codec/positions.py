@@ -10,6 +10,8 @@ R is chosen per layer to minimise the estimated coded size.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from fq_jax._src.codec.container import FormatError
@@ -69,7 +71,17 @@ def choose_run(gaps: np.ndarray, coder: str = "ans") -> tuple[int, np.ndarray]:
   candidates = {1 << j for j in range(low, 17) if (1 << j) < min(hist.size, limit + 1)}
   if hist.size <= limit:
     candidates.add(hist.size)  # no escapes at all
-  run = min(sorted(candidates), key=lambda r: _estimated_bits(hist, r, coder))
+  # The cost is unimodal in practice (many escapes <-> a long table): stop once it
+  # has risen twice in a row past the best candidate.
+  run, best, worse = 1, math.inf, 0
+  for r in sorted(candidates):
+    cost = _estimated_bits(hist, r, coder)
+    if cost < best:
+      run, best, worse = r, cost, 0
+    else:
+      worse += 1
+      if worse == 2:
+        break
   g = np.arange(hist.size)
   counts = np.bincount(g % run, weights=hist, minlength=run + 1)
   counts[run] = np.dot(hist, g // run)
