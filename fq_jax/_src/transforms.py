@@ -16,13 +16,13 @@ nothing special: it is just more optimizer state. A training step is
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Callable, Literal, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
 import optax
 
-from fq_jax._src import gmm as gmm_lib
 from fq_jax._src import masks as masks_lib
 from fq_jax._src import quantizers
 from fq_jax._src import rules as rules_lib
@@ -400,19 +400,25 @@ def focused_quantization(
     ws = treedef.flatten_up_to(params)
     ms = treedef.flatten_up_to(masks)
     old = [None] * len(leaves) if alphas is None else treedef.flatten_up_to(alphas)
-    todo = [i for i, s in enumerate(leaves) if s is not None and s.quantize]
     out = [None] * len(leaves)
-    if not todo:
-      return treedef.unflatten(out)
-    # One batched EM for the whole network (one compiled loop, not one per layer).
-    gmms = gmm_lib.fit_gmms([ws[i] for i in todo], [ms[i] for i in todo],
-                            num_iters=gmm_iters)
-    for j, i in enumerate(todo):
-      s = leaves[i]
-      f = quantizers.focus(
-          ws[i], ms[i], jax.random.fold_in(rng, i), bits=s.bits, w_sep=s.w_sep,
-          recentralize=s.recentralize, gmm=jax.tree.map(lambda x: x[j], gmms))
-      out[i] = f if old[i] is None else f._replace(alpha=old[i])
+    # Layers of one shape and setting are focused together under vmap: XLA
+    # compiles one EM loop and one quantizer per group instead of per layer
+    # (a ResNet-20 has 7 groups for 20 kernels; a ResNet-50, 23 for 54).
+    groups = {}
+    for i, s in enumerate(leaves):
+      if s is not None and s.quantize:
+        key = (tuple(ws[i].shape), str(ws[i].dtype), s.bits, s.w_sep, s.recentralize)
+        groups.setdefault(key, []).append(i)
+    for (_, _, group_bits, group_w_sep, group_recentralize), idx in groups.items():
+      focus_one = functools.partial(
+          quantizers.focus, bits=group_bits, w_sep=group_w_sep,
+          recentralize=group_recentralize, num_iters=gmm_iters)
+      stacked = jax.vmap(focus_one)(
+          jnp.stack([ws[i] for i in idx]), jnp.stack([ms[i] for i in idx]),
+          jnp.stack([jax.random.fold_in(rng, i) for i in idx]))
+      for j, i in enumerate(idx):
+        f = jax.tree.map(lambda x: x[j], stacked)
+        out[i] = f if old[i] is None else f._replace(alpha=old[i])
     return treedef.unflatten(out)
 
   def inq_all(focus, params, current, stage):
