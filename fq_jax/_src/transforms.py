@@ -480,23 +480,28 @@ def focused_quantization(
     new_params = optax.apply_updates(params, new_updates)
     count = state.count + 1
 
-    rng = jax.random.wrap_key_data(state.rng)
-    refit_now = (state.next_refit >= 0) & (count >= state.next_refit)
-    focus = jax.lax.cond(
-        refit_now,
-        lambda: focus_all(specs, new_params, state.masks,
-                          jax.random.fold_in(rng, count), alphas),
-        lambda: focus)
-    interval = jnp.where(refit_now, state.refit_interval * schedule.refit_growth,
-                         state.refit_interval)
-    next_refit = jnp.where(
-        refit_now, count + jnp.ceil(interval).astype(jnp.int32), state.next_refit)
+    # Branches a schedule can never take are not even traced (compile time).
+    interval, next_refit = state.refit_interval, state.next_refit
+    if schedule.refit_every > 0:
+      rng = jax.random.wrap_key_data(state.rng)
+      refit_now = (state.next_refit >= 0) & (count >= state.next_refit)
+      focus = jax.lax.cond(
+          refit_now,
+          lambda: focus_all(specs, new_params, state.masks,
+                            jax.random.fold_in(rng, count), alphas),
+          lambda: focus)
+      interval = jnp.where(refit_now, state.refit_interval * schedule.refit_growth,
+                           state.refit_interval)
+      next_refit = jnp.where(
+          refit_now, count + jnp.ceil(interval).astype(jnp.int32), state.next_refit)
 
     stage = stage_at(count)
-    inq = jax.lax.cond(
-        stage != state.stage,
-        lambda: inq_all(focus, new_params, state.inq, stage),
-        lambda: state.inq)
+    inq = state.inq
+    if schedule.inq_boundaries:
+      inq = jax.lax.cond(
+          stage != state.stage,
+          lambda: inq_all(focus, new_params, state.inq, stage),
+          lambda: state.inq)
     return new_updates, FQState(
         count=count, rng=state.rng, masks=state.masks, focus=focus, inq=inq,
         stage=stage, next_refit=next_refit, refit_interval=interval,
