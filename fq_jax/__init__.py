@@ -9,3 +9,6 @@ from fq_jax._src.transforms import (FQState, PruneState, QuantSchedule, PAPER_IN
 from fq_jax._src.report import empirical_entropy, format_report, layer_report
 from fq_jax._src.codec import (FormatError, DecodedModel, artifact_summary, decode_model, encode_model,
     load_fqz, save_fqz)
+from fq_jax._src.integer import (ActivationScale, QuantizedActivationsModel, apply_quantized, calibrate_activations,
+    fold_requant, prepare_layer, quantize_activations, shift_add)
+from fq_jax._src.integer_models import IntegerModel, count_integer_ops, evaluate_fqz, load_integer_model

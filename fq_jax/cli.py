@@ -384,6 +384,11 @@ COMMANDS: list[Command] = [
             _add_decompress, _run_decompress),
 ]
 
+# evaluate: test accuracy on the integer (multiplication-free) or float path (fq_jax/_src/integer_cli.py).
+from fq_jax._src import integer_cli as _integer_cli  # noqa: E402  (no jax import at load time)
+
+COMMANDS.append(Command("evaluate", _integer_cli.HELP, _integer_cli.add_arguments, _integer_cli.run))
+
 
 def build_parser() -> argparse.ArgumentParser:
   parser = _Parser(prog=PROG, description="Focused Quantization artifacts (.fqz).")
