@@ -12,3 +12,6 @@ from fq_jax._src.codec import (FormatError, DecodedModel, artifact_summary, deco
 from fq_jax._src.integer import (ActivationScale, QuantizedActivationsModel, apply_quantized, calibrate_activations,
     fold_requant, prepare_layer, quantize_activations, shift_add)
 from fq_jax._src.integer_models import IntegerModel, count_integer_ops, evaluate_fqz, load_integer_model
+from fq_jax._src.codebook import (CodebookQState, CodebookState, codebook_mse, codebook_quantization,
+    codebook_quantize, codebook_quantized, codebook_symbols, codebook_values, find_codebook_state,
+    kmeans_codebook, uniform_codebook, uniform_levels)

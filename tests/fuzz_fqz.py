@@ -67,10 +67,19 @@ def sample_files() -> list[bytes]:
       "dense/kernel": _state(v.shape, rng, bits=4, recentralized=False, sparsity=0.2),
   }
   masks = {"pruned/kernel": rng.random(d.shape) > 0.5}
+  # Format 1.1: a codebook layer (last, so the indices of the entries above stay put).
+  c = (rng.normal(size=(5, 6)) * 0.1).astype(np.float16)
+  arrays["codebook/kernel"] = c
+  cmask = rng.random(c.shape) > 0.3
+  book = np.sort(rng.normal(size=8) * 0.1).astype(np.float32)
+  codebooks = {"codebook/kernel": fq.CodebookState(
+      codebook=book, symbols=np.where(cmask, rng.integers(0, 8, c.shape), 0).astype(np.int32),
+      mask=cmask)}
   files = []
   for coder in ("ans", "huffman"):
-    files.append(fq.encode_model(arrays, focus=focus, masks=masks, coder=coder,
-                                 metadata={"model": "fuzz", "n": 1}, huffman_lane=16))
+    files.append(fq.encode_model(arrays, focus=focus, masks=masks, codebooks=codebooks,
+                                 coder=coder, metadata={"model": "fuzz", "n": 1},
+                                 huffman_lane=16))
   return files
 
 

@@ -162,7 +162,7 @@ def read(data):
     cur = Cursor(data, start, end)
     tables = [cur.table()]
     counts = [e["npos"]]
-    if e["kind"] == "focused":
+    if e["kind"] in ("focused", "codebook"):
       tables.append(cur.table())
       counts.append(e["kept"])
     length = cur.varint()
@@ -177,6 +177,10 @@ def read(data):
     if e["kind"] == "pruned":
       kept = np.frombuffer(data[cur.pos + length:end], DTYPES[e["stored"]])
       out[mask] = kept.astype(dt)
+    elif e["kind"] == "codebook":  # section 4, format 1.1
+      codebook = np.frombuffer(data[cur.pos + length:end], "<f4")
+      assert codebook.size == e["codewords"]
+      out[mask] = codebook[np.array(streams[1], np.int64)].astype(dt)
     else:
       vals = np.array([value(x, e["quant"]) for x in streams[1]], np.float32)
       out[mask] = vals.astype(dt)

@@ -4,7 +4,7 @@ import importlib
 
 import pytest
 
-MODULES = ["gmm", "quantizers", "rules", "masks", "transforms"]
+MODULES = ["gmm", "quantizers", "rules", "masks", "transforms", "codebook"]
 
 
 @pytest.mark.parametrize("name", MODULES)

@@ -5,7 +5,7 @@ Layout (all integers little-endian; docs/format.md is the full specification):
     offset  size  field
     0       8     magic b"\\x89FQZ\\r\\n\\x1a\\n"
     8       2     major version (1)
-    10      2     minor version (0)
+    10      2     minor version (1; readers accept any 1.x)
     12      4     H: stored (deflated) header length in bytes
     16      4     U: header length after inflating (UTF-8 JSON)
     20      4     CRC-32 (zlib.crc32) of bytes 0..19 followed by the H header bytes
@@ -30,7 +30,7 @@ import numpy as np
 
 MAGIC = b"\x89FQZ\r\n\x1a\n"
 MAJOR_VERSION = 1
-MINOR_VERSION = 0
+MINOR_VERSION = 1  # 1.1 added the "codebook" kind; 1.0 files read as before
 PREAMBLE = struct.Struct("<8sHHIII")
 PREAMBLE_SIZE = PREAMBLE.size  # 24
 # Inflated header cap: deflate cannot expand more than ~1032x, and no sane

@@ -1,13 +1,17 @@
 """Models <-> .fqz bytes: `encode_model`, `decode_model`, `save_fqz`, `load_fqz`.
 
 Every array of a model goes into the file under its '/'-joined path, as one of
-three kinds (docs/format.md has the byte-level specification):
+four kinds (docs/format.md has the byte-level specification):
 
   * "focused": a focused-quantized layer. The positions of its kept weights
     and their integer symbols (`fq.focused_symbols`) are entropy coded; the
     quantizer parameters sit in the header. The decoder rebuilds the values
     with `fq.focused_values`, the single definition of a quantized value, so
     the rebuilt array is bit-identical to what the forward pass uses.
+  * "codebook": a codebook-quantized layer (`fq.kmeans_codebook`,
+    `fq.uniform_codebook`): coded positions and codeword indices, as for
+    "focused", plus the float32 codebook; a value is codebook[symbol]
+    (`fq.codebook_values`). Format 1.1.
   * "pruned": a pruned but unquantized array: coded positions + the kept
     values' raw bytes.
   * "raw": everything else (biases, batch statistics, counters), raw bytes.
@@ -33,6 +37,7 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 
+from fq_jax._src import codebook as codebook_lib
 from fq_jax._src import gmm as gmm_lib
 from fq_jax._src import quantizers
 from fq_jax._src import rules as rules_lib
@@ -44,7 +49,10 @@ from fq_jax._src.codec import positions as positions_lib
 from fq_jax._src.codec.container import FormatError, Reader
 
 CODERS = ("ans", "huffman")
-KINDS = ("raw", "pruned", "focused")
+KINDS = ("raw", "pruned", "focused", "codebook")
+# Kinds whose kept weights are stored as entropy-coded symbols.
+SYMBOL_KINDS = ("focused", "codebook")
+MAX_CODEWORDS = 1 << 16
 DTYPES: dict[str, np.dtype] = {
     name: np.dtype(t) for name, t in [
         ("bool", np.bool_), ("int8", np.int8), ("uint8", np.uint8), ("int16", np.int16),
@@ -279,6 +287,7 @@ def encode_model(
     metadata: dict | None = None,
     float_dtype: str | None = None,
     huffman_lane: int = huffman_lib.DEFAULT_LANE,
+    codebooks: Mapping[str, codebook_lib.CodebookState] | None = None,
 ) -> bytes:
   """Encodes a model's arrays into .fqz bytes.
 
@@ -303,6 +312,12 @@ def encode_model(
       they are decoded back to their original dtype (lossy).
     huffman_lane: symbols per Huffman lane (decode parallelism vs. a small
       per-lane size overhead).
+    codebooks: path -> `fq.CodebookState` for codebook-quantized layers
+      (float arrays). The state's symbols at its kept positions and its
+      codebook (1..65536 float32 codewords) are stored; the decoded values
+      are `fq.codebook_values(state.symbols, state.codebook, state.mask)`
+      cast to the array's dtype (the array's own values are not used). A
+      mask given for such a path must equal the state's mask.
 
   Returns:
     The file's bytes.
@@ -312,6 +327,7 @@ def encode_model(
   """
   focus = dict(focus or {})
   masks = dict(masks or {})
+  codebooks = dict(codebooks or {})
   if coder not in CODERS:
     raise ValueError(f"coder must be one of {CODERS}, got {coder!r}")
   if float_dtype is not None and float_dtype not in ("float16", "bfloat16", "float32"):
@@ -319,7 +335,10 @@ def encode_model(
                      f"got {float_dtype!r}")
   if not 1 <= huffman_lane <= huffman_lib.FORMAT_MAX_LANE:
     raise ValueError(f"huffman_lane must be in [1, {huffman_lib.FORMAT_MAX_LANE}]")
-  for name, d in (("focus", focus), ("masks", masks)):
+  both = [p for p in codebooks if p in focus]
+  if both:
+    raise ValueError(f"paths in both focus and codebooks: {both[:5]}")
+  for name, d in (("focus", focus), ("masks", masks), ("codebooks", codebooks)):
     unknown = [p for p in d if p not in arrays]
     if unknown:
       raise ValueError(f"{name} has paths that are not in arrays: {unknown[:5]}")
@@ -342,6 +361,31 @@ def encode_model(
     entry = {"path": path, "shape": [int(d) for d in arr.shape], "dtype": name}
     entries.append(entry)
     sections.append(None)
+    if path in codebooks:
+      if name not in FOCUSED_DTYPES:
+        raise ValueError(f"{path}: a codebook layer must be a float array, not {name}")
+      cstate = codebooks[path]
+      mask = np.broadcast_to(np.asarray(cstate.mask, bool), arr.shape)
+      if path in masks and not np.array_equal(np.asarray(masks[path], bool), mask):
+        raise ValueError(f"{path}: masks[path] differs from the CodebookState's mask")
+      book = np.asarray(cstate.codebook, np.float32).reshape(-1)
+      if not 1 <= book.size <= MAX_CODEWORDS:
+        raise ValueError(f"{path}: a codebook needs 1..{MAX_CODEWORDS} codewords, not {book.size}")
+      sym_all = np.broadcast_to(np.asarray(cstate.symbols), arr.shape)
+      if not np.issubdtype(sym_all.dtype, np.integer):
+        raise ValueError(f"{path}: CodebookState.symbols must be integers")
+      kept_idx, indices, inverted = positions_lib.coded_indices(mask)
+      sym = sym_all.reshape(-1).take(kept_idx).astype(np.int64)
+      if sym.size and (int(sym.min()) < 0 or int(sym.max()) >= book.size):
+        raise ValueError(f"{path}: symbols outside [0, {book.size})")
+      sym = sym.astype(np.int32)
+      run, pos_hist = positions_lib.choose_run(positions_lib.gaps_of(indices), coder)
+      pos = positions_lib.encode(indices, run)
+      entry.update(kind="codebook", codewords=int(book.size), kept=int(sym.size),
+                   inverted=inverted, run=run, npos=int(pos.size))
+      sections[-1] = (_coded_section(pos, run, sym, book.size, coder, huffman_lane, pos_hist)
+                      + book.astype("<f4").tobytes())
+      continue
     if path in focus:
       if name not in FOCUSED_DTYPES:
         raise ValueError(f"{path}: a focused layer must be a float array, not {name}")
@@ -431,6 +475,12 @@ def _full_symbols(size, shape, kept_idx, sym):
   return full.reshape(shape)
 
 
+def _codebook_state(book, size, shape, kept_idx, sym, mask):
+  """The CodebookState of a decoded codebook layer (NumPy fields)."""
+  return codebook_lib.CodebookState(codebook=book, symbols=_full_symbols(size, shape, kept_idx, sym),
+                                    mask=mask)
+
+
 def _focus_state(p, size, shape, kept_idx, sym, mask):
   """The FocusState of a decoded layer; m_w = (symbol >= 2^(k+1) + 1) for kept weights."""
   assignment = np.zeros(size, bool)
@@ -463,8 +513,12 @@ class DecodedModel:
     header_bytes: bytes of the preamble and header.
     layers: one dict per array, in file order: path, shape, dtype, stored,
       kind, size, kept, section_bytes, coded_bytes (section minus raw kept
-      values), position/symbol entropies and the entropy bound in bytes, and
-      the quantizer parameters of focused layers.
+      values and codebooks), position/symbol entropies and the entropy bound
+      in bytes, the quantizer parameters of focused layers and the number of
+      codewords of codebook layers.
+    codebooks: path -> `fq.CodebookState` of codebook layers (NumPy
+      fields: the float32 codebook, the int32 symbols, 0 where pruned, and
+      the mask). Built on first access.
   """
 
   arrays: dict[str, np.ndarray]
@@ -477,6 +531,7 @@ class DecodedModel:
   file_bytes: int
   header_bytes: int
   layers: list[dict]
+  codebooks: Mapping[str, codebook_lib.CodebookState] = dataclasses.field(default_factory=dict)
 
   def tree(self) -> dict:
     """The arrays as a nested dict, splitting paths on '/'.
@@ -615,6 +670,8 @@ class _Layer:
   coded_bytes: int = 0
   pos_hist: np.ndarray | None = None
   sym_hist: np.ndarray | None = None
+  codewords: int = 0
+  codebook: np.ndarray | None = None
 
 
 def decode_model(data: bytes, *, max_output_bytes: int | None = None) -> DecodedModel:
@@ -687,12 +744,19 @@ def _decode(data, max_output_bytes) -> DecodedModel:
       v.fail("kind", f"{kind[:40]!r} is not one of {KINDS}")
     layer = _Layer(i, entry, tuple(shape), size, kind)
     budget += size * DTYPES[dtype].itemsize
-    if kind != "focused":
+    if kind not in SYMBOL_KINDS:
       stored = v.get(entry, "stored", str)
       if stored not in DTYPES:
         v.fail("stored", f"{stored[:40]!r} is not supported")
       if stored != dtype and not (stored in FLOATS and dtype in FLOATS):
         v.fail("stored", f"{stored} cannot stand for {dtype}")
+    elif kind == "codebook":
+      if dtype not in FOCUSED_DTYPES:
+        v.fail("dtype", f"{dtype} cannot be codebook-quantized")
+      layer.codewords = v.uint(entry, "codewords", MAX_CODEWORDS)
+      if layer.codewords < 1:
+        v.fail("codewords", "must be >= 1")
+      budget += 8 * layer.codewords
     else:
       if dtype not in FOCUSED_DTYPES:
         v.fail("dtype", f"{dtype} cannot be focused")
@@ -733,6 +797,8 @@ def _decode(data, max_output_bytes) -> DecodedModel:
     sym_table = None
     if layer.kind == "focused":
       sym_table = _read_model(r, _num_symbols(layer.params), coder, "symbol")
+    elif layer.kind == "codebook":
+      sym_table = _read_model(r, layer.codewords, coder, "symbol")
     payload_len = r.varint("payload length", r.remaining())
     payload_start = r.pos
     payload_end = payload_start + payload_len
@@ -757,6 +823,12 @@ def _decode(data, max_output_bytes) -> DecodedModel:
         r.fail(f"kept values need {layer.kept * itemsize} bytes after the payload, "
                f"{end - payload_end} remain", payload_end)
       layer.values = data[payload_end:end]
+    elif layer.kind == "codebook":
+      if end - payload_end != 4 * layer.codewords:
+        r.fail(f"the codebook of {layer.codewords} float32 codewords needs "
+               f"{4 * layer.codewords} bytes after the payload, {end - payload_end} remain",
+               payload_end)
+      layer.codebook = np.frombuffer(data, "<f4", layer.codewords, payload_end).astype(np.float32)
     elif payload_end != end:
       r.fail(f"{end - payload_end} unexpected bytes after the payload", payload_end)
     layer.coded_bytes = payload_end - start
@@ -813,6 +885,7 @@ def _decode(data, max_output_bytes) -> DecodedModel:
   focus: dict[str, quantizers.FocusState] = {}
   masks: dict[str, np.ndarray] = {}
   symbols_out: dict[str, np.ndarray] = {}
+  codebooks: dict[str, codebook_lib.CodebookState] = {}
   infos = []
   focused_groups: dict[str, list] = {}
   for layer, (start, end) in zip(layers, spans):
@@ -852,6 +925,17 @@ def _decode(data, max_output_bytes) -> DecodedModel:
         raise FormatError(f"{name}: bool bytes must be 0 or 1")
       out[kept_idx] = kept.astype(DTYPES[dtype], copy=False)
       arrays[path] = out.reshape(layer.shape)
+    elif layer.kind == "codebook":
+      info["symbol_entropy_bits"] = _entropy_bits(layer.sym, layer.sym_hist)
+      info["codewords"] = layer.codewords
+      info["codebook_bytes"] = 4 * layer.codewords
+      # fq.codebook_values: codebook[symbol] in float32, then cast (round to nearest even).
+      out = np.zeros(layer.size, DTYPES[dtype])
+      with np.errstate(over="ignore"):  # a float32 codeword beyond float16 becomes inf
+        out[kept_idx] = layer.codebook[layer.sym].astype(DTYPES[dtype])
+      arrays[path] = out.reshape(layer.shape)
+      codebooks[path] = functools.partial(_codebook_state, layer.codebook, layer.size,
+                                          layer.shape, kept_idx, layer.sym, masks[path])
     else:
       info["symbol_entropy_bits"] = _entropy_bits(layer.sym, layer.sym_hist)
       focused_groups.setdefault(dtype, []).append((layer, kept_idx, layer.sym))
@@ -876,7 +960,8 @@ def _decode(data, max_output_bytes) -> DecodedModel:
   arrays = {layer.entry["path"]: arrays[layer.entry["path"]] for layer in layers}
   return DecodedModel(arrays=arrays, focus=_Lazy(focus), masks=masks, symbols=_Lazy(symbols_out),
                       metadata=metadata, coder=coder, version=(major, minor),
-                      file_bytes=len(data), header_bytes=header_end, layers=infos)
+                      file_bytes=len(data), header_bytes=header_end, layers=infos,
+                      codebooks=_Lazy(codebooks))
 
 
 # ----------------------------------------------------------------------------
@@ -896,8 +981,8 @@ def artifact_summary(decoded_or_bytes) -> dict:
       compression_ratio = 4 * num_values / file_bytes (float32 model size over
         the file, everything counted);
       kernel_values, kernel_section_bytes and paper_style_compression_ratio =
-        4 * kernel_values / kernel_section_bytes over the focused and pruned
-        arrays only (the paper's way: no header, biases or batch statistics);
+        4 * kernel_values / kernel_section_bytes over the focused, codebook and
+        pruned arrays only (the paper's way: no header, biases or batch statistics);
       entropy_bound_bytes: zeroth-order entropy of the coded position and
         symbol streams (sum over layers of n_pos H(pos) + n_sym H(sym), /8);
       coded_bytes: the bytes actually spent on those streams, tables included;
