@@ -1,0 +1,90 @@
+"""Every key a run understands, with neutral defaults; the other configs start here.
+
+Override any key on the command line: `--config.prune.sparsity=0.8`. Epoch
+counts are floats (fractions of an epoch are allowed: 0.25 = a quarter of the
+training batches). Keys marked "contract" are the stable interface.
+"""
+
+import ml_collections
+from ml_collections import config_dict
+
+
+def get_config() -> ml_collections.ConfigDict:
+  """The base configuration (digits CNN on scikit-learn digits)."""
+  c = ml_collections.ConfigDict()
+
+  c.model = ml_collections.ConfigDict()
+  c.model.name = "digits_cnn"  # digits_cnn, cifar_resnet, resnet18, resnet50, mobilenet_v1, mobilenet_v2
+  c.model.depth = config_dict.placeholder(int)  # contract; cifar_resnet only: 6n+2 (None: 20 or init_from's)
+  c.model.dtype = "float32"  # computation dtype; parameters stay float32
+
+  c.dataset = ml_collections.ConfigDict()
+  c.dataset.name = "digits"  # digits, cifar10, imagenet2012
+  c.dataset.data_dir = ""  # cifar10: folder of cifar10-jpeg.tar.gz; imagenet: tfds data_dir ("" = default)
+  c.dataset.augment = False  # cifar10: random crop + flip
+  c.dataset.image_size = 224  # imagenet only
+  c.dataset.resize_size = 256  # imagenet only: eval resize of the shorter side
+  c.dataset.train_split = "train"  # imagenet only
+  c.dataset.eval_split = "validation"  # imagenet only
+  c.dataset.num_threads = 0  # imagenet only: preprocessing threads
+
+  c.init_from = ""  # contract: .npz to start from ("" = random init from seed)
+  c.seed = 0  # contract: init, data order, augmentation and FQ sampling
+  c.batch_size = 64  # contract: global batch (split over all devices)
+  c.eval_batch_size = 500
+  c.steps_per_epoch = -1  # cap on training batches per epoch (-1: the whole split)
+  c.eval_steps = -1  # cap on test batches per evaluation (-1: the whole split)
+
+  # Optimizer of every stage: SGD + momentum, L2 weight decay on kernels.
+  c.learning_rate = 0.1  # contract: dense stage (and prune/quant when theirs is None)
+  c.lr_schedule = "cosine"  # cosine | step | constant, over the dense stage
+  c.lr_decay_epochs = 0.0  # step schedule period
+  c.lr_decay_factor = 0.1
+  c.momentum = 0.9  # contract
+  c.nesterov = False
+  c.weight_decay = 5e-4  # contract
+
+  c.dense_epochs = 30.0  # contract: dense training (after init_from, if any)
+
+  c.prune_epochs = 10.0  # contract: fine-tuning epochs of the prune stage
+  c.prune = ml_collections.ConfigDict()
+  c.prune.method = "dns"  # contract: dns | magnitude | none
+  c.prune.sparsity = 0.9  # contract: per-layer target in [0, 1) (quant.rules may override per layer)
+  c.prune.update_every = 1  # dns: updates between mask updates
+  c.prune.learning_rate = config_dict.placeholder(float)  # None: learning_rate
+  c.prune.lr_schedule = "cosine"
+  c.prune.lr_decay_epochs = 0.0
+  c.prune.lr_decay_factor = 0.1
+
+  c.quant_epochs_per_step = 2.0  # contract: epochs per INQ step (0: post-training quantization)
+  c.quant = ml_collections.ConfigDict()
+  c.quant.enabled = True
+  c.quant.bits = 5  # contract: 2..8
+  c.quant.w_sep = 2.0  # contract: Wasserstein separation threshold (Eq. 4)
+  c.quant.inq_fractions = (0.25, 0.5, 0.75, 0.875, 1.0)  # (1.0,): all at once, then final_epochs
+  c.quant.final_epochs = -1.0  # last INQ step; < 0: 10/3 x quant_epochs_per_step (paper: 3 -> 10)
+  c.quant.inq_order = "magnitude"  # magnitude (INQ) | error (smallest quantization error first)
+  c.quant.refit_every_epochs = config_dict.placeholder(float)  # None: one INQ step; 0: never
+  c.quant.refit_growth = 2.0  # each re-estimation interval is this times the previous
+  c.quant.learning_rate = config_dict.placeholder(float)  # None: learning_rate
+  c.quant.lr_schedule = "step"
+  c.quant.lr_decay_epochs = 3.0  # paper: decay every 3 epochs
+  c.quant.lr_decay_factor = 0.5  # OPEN in the paper
+  c.quant.lr_restart = True  # every INQ step starts again at quant.learning_rate
+  c.quant.alpha_learning_rate = 1e-4  # Adam on the per-layer scales alpha (0 freezes them)
+  c.quant.gmm_iters = 200
+  # Compression rules, tried before the default (every conv/dense kernel):
+  # "REGEX:key=value,..." with keys prune, quantize, recentralize, sparsity,
+  # bits, w_sep, min_ndim (see fq_jax/pipeline/configuration.py).
+  c.quant.rules = ()
+
+  c.reference_only = False  # fine-tune the float model instead of compressing (fair reference)
+  c.encode = True  # write model.fqz when the codec is available
+  c.coder = "ans"
+
+  c.checkpoint_every_steps = 0  # 0: only at stage ends
+  c.max_checkpoints = 2
+  c.async_checkpointing = True
+  c.log_every = 20  # progress-bar refresh of loss/accuracy, in steps
+  c.progress_bar = True
+  return c

@@ -1,0 +1,265 @@
+"""The training pipeline: config checks, rules, schedules, errors of train.py, small runs."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import fq_jax as fq
+from fq_jax.pipeline import ConfigError, configuration as cfg, steps as steps_lib, train_lib
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # the configs/ package, as train.py sees it
+
+from configs import cifar10_resnet, default, digits  # noqa: E402
+from configs import imagenet_mobilenet_v1, imagenet_mobilenet_v2, imagenet_resnet18, imagenet_resnet50  # noqa: E402
+
+ALL_CONFIGS = (default, digits, cifar10_resnet, imagenet_resnet18, imagenet_resnet50,
+               imagenet_mobilenet_v1, imagenet_mobilenet_v2)
+
+
+def _flat_keys(d, prefix=""):
+  out = set()
+  for k, v in d.items():
+    out |= _flat_keys(v, f"{prefix}{k}.") if isinstance(v, dict) else {prefix + k}
+  return out
+
+
+@pytest.mark.parametrize("module", ALL_CONFIGS, ids=lambda m: m.__name__.split(".")[-1])
+def test_configs_validate_and_share_keys(module):
+  config = module.get_config()
+  if config.dataset.name == "cifar10":
+    config.init_from = ""
+  cfg.validate(config)
+  # Every config has every key, so any --config.x override works with any file.
+  assert _flat_keys(config.to_dict()) == _flat_keys(default.get_config().to_dict())
+
+
+CONTRACT_KEYS = ("init_from", "model.depth", "dense_epochs", "prune.method", "prune.sparsity",
+                 "prune_epochs", "quant.bits", "quant.w_sep", "quant_epochs_per_step", "batch_size",
+                 "learning_rate", "seed", "model.name", "dataset.name", "quant.inq_order",
+                 "quant.refit_every_epochs", "quant.rules", "checkpoint_every_steps",
+                 "eval_batch_size", "weight_decay", "momentum", "log_every")
+
+
+def test_contract_keys_exist():
+  assert set(CONTRACT_KEYS) <= _flat_keys(default.get_config().to_dict())
+
+
+@pytest.mark.parametrize("key, value, match", [
+    ("prune.sparsity", 1.0, "prune.sparsity"),
+    ("prune.sparsity", -0.1, "prune.sparsity"),
+    ("quant.bits", 1, "quant.bits"),
+    ("quant.bits", 9, "quant.bits"),
+    ("prune.method", "random", "prune.method"),
+    ("model.name", "vgg16", "model.name"),
+    ("dataset.name", "mnist", "dataset.name"),
+    ("init_from", "/nonexistent/model.npz", "init_from"),
+    ("batch_size", 0, "batch_size"),
+    ("quant.inq_order", "random", "quant.inq_order"),
+    ("lr_schedule", "linear", "lr_schedule"),
+    ("quant.rules", ("conv1:bits=9",), "quant.rules"),
+    ("quant.rules", ("conv1:colour=red",), "quant.rules"),
+    ("quant.rules", ("no colon",), "quant.rules"),
+    ("model.depth", 20, "model.depth"),
+])
+def test_validate_names_the_bad_key(key, value, match):
+  config = digits.get_config()
+  node = config
+  *parents, leaf = key.split(".")
+  for p in parents:
+    node = node[p]
+  with node.ignore_type():
+    node[leaf] = value
+  with pytest.raises(ConfigError, match=f"^{match}: ") as info:
+    cfg.validate(config)
+  assert "\n" not in str(info.value)
+
+
+def test_parse_rule():
+  rule = cfg.parse_rule("conv_init/kernel$:bits=8,sparsity=0")
+  assert rule == fq.Rule(pattern="conv_init/kernel$", bits=8, sparsity=0.0)
+  rule = cfg.parse_rule("dw_conv/kernel$:prune=false, w_sep=3")
+  assert rule == fq.Rule(pattern="dw_conv/kernel$", prune=False, w_sep=3.0)
+  config = digits.get_config()
+  with config.ignore_type():
+    config.quant.rules = "a/kernel$:bits=6; b/kernel$:quantize=no"  # one string works too
+  rules = cfg.compression_rules(config)
+  assert [r.pattern for r in rules] == ["a/kernel$", "b/kernel$", *[r.pattern for r in fq.DEFAULT_RULES]]
+  assert rules[1].quantize is False
+
+
+def test_quant_steps_follow_the_paper_ratio():
+  config = digits.get_config()
+  config.quant_epochs_per_step = 3.0
+  config.quant.final_epochs = -1.0
+  q = cfg.quant_steps(config, steps_per_epoch=10)
+  assert (q.per_inq_step, q.final, q.total, q.boundaries()) == (30, 100, 220, (30, 60, 90, 120))
+  config.quant.final_epochs = 2.0
+  q = cfg.quant_steps(config, steps_per_epoch=10)
+  assert (q.total, q.refit_every) == (140, 30)
+  config.quant.inq_fractions = (1.0,)
+  q = cfg.quant_steps(config, steps_per_epoch=10)
+  assert (q.total, q.boundaries()) == (20, ())  # everything quantized at once, then fine-tuned
+  config.quant_epochs_per_step = 0.0
+  q = cfg.quant_steps(config, steps_per_epoch=10)
+  assert (q.total, q.boundaries()) == (0, ())  # post-training quantization, whatever final_epochs
+
+
+def test_stage_schedule_restarts_and_steps():
+  s = steps_lib.stage_schedule("step", 1e-3, 200, decay_steps=30, decay_factor=0.5, restarts=(30, 60))
+  got = [float(s(i)) for i in (0, 29, 30, 59, 60, 89, 90, 120)]
+  np.testing.assert_allclose(got, [1e-3, 1e-3, 1e-3, 1e-3, 1e-3, 1e-3, 5e-4, 2.5e-4], rtol=1e-6)
+  c = steps_lib.stage_schedule("cosine", 0.1, 100)
+  np.testing.assert_allclose([float(c(0)), float(c(50)), float(c(100))], [0.1, 0.05, 0.0], atol=1e-7)
+
+
+def test_keep_pruned_never_revives_weights():
+  params = {"kernel": jnp.array([[1.0, 0.0], [0.0, 2.0]]), "bias": jnp.ones(2)}
+  masks = {"kernel": params["kernel"] != 0, "bias": None}
+  tx = steps_lib.keep_pruned(steps_lib.sgd(lambda _: 0.1, momentum=0.9, weight_decay=1e-2), masks)
+  state = tx.init(params)
+  for _ in range(3):
+    grads = jax.tree.map(jnp.ones_like, params)
+    updates, state = tx.update(grads, state, params)
+    params = jax.tree.map(jnp.add, params, updates)
+  assert float(params["kernel"][0, 1]) == 0.0 and float(params["kernel"][1, 0]) == 0.0
+  assert float(params["kernel"][0, 0]) != 1.0
+
+
+def test_config_differences_ignore_volatile_keys():
+  a = cfg.config_json(digits.get_config())
+  config = digits.get_config()
+  config.log_every = 3
+  config.progress_bar = False
+  assert cfg.config_differences(a, cfg.config_json(config)) == []
+  config.prune.sparsity = 0.5
+  assert cfg.config_differences(a, cfg.config_json(config)) == ["prune.sparsity"]
+
+
+# ----------------------------------------------------------------------------
+# train.py: one-line errors
+# ----------------------------------------------------------------------------
+
+
+def _train_py(*args, cwd=REPO, timeout=120):
+  env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+  return subprocess.run([sys.executable, "train.py", *args], cwd=cwd, capture_output=True,
+                        text=True, timeout=timeout, env=env)
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["--config.bogus=1"], "error: unknown config key 'bogus'"),
+    (["--config=configs/cifar10_resnet.py", "--config.prune.bogus=1"], "error: unknown config key 'prune.bogus'"),
+    (["--config.prune.sparsity=1.5"], "error: prune.sparsity: must be in [0, 1)"),
+    (["--config.init_from=/nonexistent/r20.npz"], "error: init_from: file not found: /nonexistent/r20.npz"),
+    (["--config.quant.bits=five"], "error: flag --config.quant.bits=five"),
+    (["--config=configs/missing.py"], "error: config: cannot load configs/missing.py"),
+])
+def test_train_py_bad_config_is_one_line(args, expected, tmp_path):
+  result = _train_py(f"--workdir={tmp_path / 'w'}", *args)
+  assert result.returncode != 0
+  lines = [l for l in result.stderr.splitlines() if l.strip() and "Warning" not in l]
+  assert len(lines) == 1, result.stderr
+  assert lines[0].startswith(expected), lines[0]
+  assert "Traceback" not in result.stderr
+
+
+# ----------------------------------------------------------------------------
+# Small in-process runs
+# ----------------------------------------------------------------------------
+
+
+def _tiny_digits(**overrides):
+  c = digits.get_config()
+  c.dense_epochs = 2.0
+  c.prune_epochs = 1.0
+  c.quant_epochs_per_step = 0.0
+  c.quant.final_epochs = 0.0
+  c.progress_bar = False
+  c.checkpoint_every_steps = 0
+  c.quant.rules = ()
+  for key, value in overrides.items():
+    node = c
+    *parents, leaf = key.split(".")
+    for p in parents:
+      node = node[p]
+    node[leaf] = value
+  return c
+
+
+def test_magnitude_pruning_and_post_training_quantization(tmp_path):
+  config = _tiny_digits(**{"prune.method": "magnitude", "prune.sparsity": 0.8})
+  lines = []
+  report = train_lib.run(config, str(tmp_path), log=lines.append)
+  on_disk = json.loads((tmp_path / "report.json").read_text())
+  assert on_disk["compressed"] == json.loads(json.dumps(report["compressed"]))
+  assert on_disk["model"] == "digits_cnn" and on_disk["dataset"] == "digits"
+  d, p, c = on_disk["dense"], on_disk["pruned"], on_disk["compressed"]
+  assert d["num_values"] == 68_938 and d["float32_bytes"] == 4 * 68_938
+  assert 0.5 < d["accuracy"] <= 1.0 and "top5" not in d  # 10 classes: top-1 only
+  assert p["sparsity"] == pytest.approx(0.8, abs=0.01)
+  assert c["bits"] == 5 and 0.0 <= c["accuracy"] <= 1.0
+  if c["estimate"]:
+    assert not (tmp_path / "model.fqz").exists()
+  else:  # the real file: its size is what the ratio counts
+    assert c["artifact_bytes"] == os.path.getsize(tmp_path / "model.fqz")
+    assert c["roundtrip_exact"]
+  assert c["compression_ratio"] == pytest.approx(d["float32_bytes"] / c["artifact_bytes"])
+  assert c["compression_ratio"] > 10 and c["paper_style_compression_ratio"] > c["compression_ratio"]
+  assert [r["path"] for r in on_disk["layers"]] == ["conv1/kernel", "conv2/kernel", "fc1/kernel", "head/kernel"]
+  assert all(r["kept"] < r["size"] for r in on_disk["layers"])
+  assert set(on_disk["seconds"]) >= {"dense", "prune", "quantize", "evaluate", "encode"}
+  text = "\n".join(lines)
+  assert "compression ratio" in text and "fc1/kernel" in text  # summary and per-layer table
+  rows = (tmp_path / "metrics.csv").read_text().splitlines()
+  assert rows[0].startswith("stage,epoch,step,split,loss,accuracy")
+  assert sum(r.startswith("dense,") and ",train," in r for r in rows) == 2
+
+
+def test_reference_only_trains_float_for_the_same_steps(tmp_path):
+  config = _tiny_digits(**{"reference_only": True, "dense_epochs": 0.0})
+  report = train_lib.run(config, str(tmp_path), log=lambda s: None)
+  c = report["compressed"]
+  assert report["reference_only"] and report["layers"] == []
+  assert c["compression_ratio"] == pytest.approx(1.0, rel=0.01) and c["bits"] == 32
+  assert report["pruned"]["sparsity"] == 0.0
+  rows = (tmp_path / "metrics.csv").read_text().splitlines()
+  assert sum(r.startswith("prune,") and ",train," in r for r in rows) == 1  # float fine-tuning ran
+
+
+def test_prune_only_without_quantization(tmp_path):
+  config = _tiny_digits(**{"dense_epochs": 0.0, "prune_epochs": 0.0, "prune.method": "magnitude",
+                           "prune.sparsity": 0.9, "quant.enabled": False})
+  report = train_lib.run(config, str(tmp_path), log=lambda s: None)
+  c = report["compressed"]
+  assert c["bits"] == 32 and c["accuracy"] == report["pruned"]["accuracy"]
+  assert {r["kind"] for r in report["layers"]} == {"pruned"}
+  assert 3 < c["compression_ratio"] < 10  # float32 values of 10% of the weights plus positions
+
+
+def test_init_from_flat_npz(tmp_path):
+  from fq_jax.models import get_model
+  from fq_jax.pipeline import checkpoint
+
+  model = get_model("digits_cnn")
+  variables = model.init(jax.random.key(3), jnp.zeros((1, 8, 8, 1)), train=False)
+  path = str(tmp_path / "init.npz")
+  checkpoint.save_variables_npz(path, variables)
+  config = digits.get_config()
+  config.init_from = path
+  ctx = train_lib.make_context(config, str(tmp_path))
+  loaded = train_lib.initial_variables(ctx)
+  assert jax.tree.all(jax.tree.map(lambda a, b: bool(np.array_equal(a, b)), loaded, dict(variables)))
+  other = get_model("cifar_resnet").init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)), train=False)
+  checkpoint.save_variables_npz(path, other)
+  with pytest.raises(ConfigError, match="^init_from: .* does not match"):
+    train_lib.make_context(config, str(tmp_path))

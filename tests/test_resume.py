@@ -1,0 +1,110 @@
+"""A run killed with SIGKILL and restarted ends with exactly the report of an uninterrupted run."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+# Small digits schedule: 2 dense epochs (42 steps), 1 prune epoch (21, DNS),
+# INQ steps of half an epoch (4 x 10 + 10 final = 50 updates); a checkpoint
+# every 8 updates and at every stage end.
+ARGS = ("--config.dense_epochs=2", "--config.prune_epochs=1", "--config.quant_epochs_per_step=0.5",
+        "--config.quant.final_epochs=0.5", "--config.checkpoint_every_steps=8",
+        "--config.progress_bar=false")
+
+
+def _env(cache: Path) -> dict[str, str]:
+  # A shared persistent compilation cache: the restarted runs reuse the
+  # executables compiled by the first run instead of compiling again.
+  return {**os.environ, "JAX_PLATFORMS": "cpu", "FQ_JAX_COMPILATION_CACHE": str(cache),
+          "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
+
+
+def _start(workdir: Path, cache: Path) -> subprocess.Popen:
+  return subprocess.Popen([sys.executable, "train.py", f"--workdir={workdir}", *ARGS], cwd=REPO,
+                          env=_env(cache), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _finish(proc: subprocess.Popen, timeout: float = 240) -> str:
+  out, _ = proc.communicate(timeout=timeout)
+  assert proc.returncode == 0, out[-3000:]
+  return out
+
+
+def _kill_after_checkpoint(workdir: Path, cache: Path, checkpoint: int, timeout: float = 180) -> None:
+  """Starts a run and SIGKILLs it as soon as checkpoint `checkpoint` is complete."""
+  proc = _start(workdir, cache)
+  target = workdir / "checkpoints" / str(checkpoint)
+  deadline = time.monotonic() + timeout
+  while not target.is_dir():
+    if proc.poll() is not None:
+      pytest.fail(f"run ended before checkpoint {checkpoint}: {proc.stdout.read()[-2000:]}")
+    if time.monotonic() > deadline:
+      proc.kill()
+      pytest.fail(f"no checkpoint {checkpoint} after {timeout} s")
+    time.sleep(0.02)
+  os.kill(proc.pid, signal.SIGKILL)
+  proc.wait()
+  proc.stdout.close()
+
+
+def _comparable(path: Path) -> dict:
+  report = json.loads(path.read_text())
+  report.pop("seconds")
+  return report
+
+
+@pytest.mark.slow
+def test_killed_and_resumed_run_matches_uninterrupted(tmp_path):
+  cache = tmp_path / "jax_cache"
+  straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+  _finish(_start(straight, cache))
+
+  # Checkpoints: dense 1-5 (every 8 of 42 updates), 6 = dense end; prune 7-8,
+  # 9 = prune end; quantize 10-15, 16 = quantize end. Kill inside the prune
+  # stage (DNS state), then again inside quantization (FQ state, INQ stage 2).
+  _kill_after_checkpoint(resumed, cache, 8)
+  _kill_after_checkpoint(resumed, cache, 12)
+  out = _finish(_start(resumed, cache))
+  assert "resumed from checkpoint" in out
+
+  a, b = _comparable(straight / "report.json"), _comparable(resumed / "report.json")
+  assert a["compressed"]["accuracy"] == b["compressed"]["accuracy"]
+  assert a["compressed"]["artifact_bytes"] == b["compressed"]["artifact_bytes"]
+  assert a["layers"] == b["layers"]
+  assert a == b
+  if (straight / "model.fqz").exists():
+    assert (straight / "model.fqz").read_bytes() == (resumed / "model.fqz").read_bytes()
+  # The metrics file holds each row once, as if the run had not been interrupted.
+  rows_a = [r.split(",")[:4] for r in (straight / "metrics.csv").read_text().splitlines()]
+  rows_b = [r.split(",")[:4] for r in (resumed / "metrics.csv").read_text().splitlines()]
+  assert rows_a == rows_b
+
+
+def test_changed_config_does_not_resume(tmp_path):
+  workdir = tmp_path / "w"
+  (workdir / "checkpoints").mkdir(parents=True)
+  # A workdir whose newest checkpoint was written with other settings.
+  import jax.numpy as jnp
+  sys.path.insert(0, str(REPO))
+  from configs import digits
+  from fq_jax.pipeline import ConfigError, checkpoint, configuration
+  from fq_jax.pipeline import train_lib
+
+  config = digits.get_config()
+  saved = configuration.config_json(config)
+  saved["prune"]["sparsity"] = 0.5
+  ckpt = checkpoint.Checkpoints(str(workdir / "checkpoints"), async_save=False)
+  ckpt.save({"params": {"w": jnp.zeros(2)}}, {"position": {"stage": "prune", "step": 0}, "config": saved})
+  ckpt.close()
+  with pytest.raises(ConfigError, match="^workdir: .*prune.sparsity"):
+    train_lib.run(config, str(workdir), log=lambda s: None)

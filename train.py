@@ -1,0 +1,84 @@
+"""Focused compression end to end: dense -> prune -> quantize -> evaluate -> encode -> report.
+
+    python train.py                                   # configs/digits.py into workdir/digits
+    python train.py --config=configs/cifar10_resnet.py --workdir=/tmp/r20 \
+        --config.init_from=../shared/models/resnet20-cifar10.npz --config.quant.bits=5
+
+Rerunning the same command resumes from the newest checkpoint in --workdir.
+A bad setting stops with a one-line `error: <key>: ...`. Multi-host: pass
+--distributed (or set FQ_JAX_DISTRIBUTED=1) to call jax.distributed.initialize().
+"""
+
+import os
+import sys
+
+from absl import app
+from absl import flags
+from absl import logging
+from ml_collections import config_flags
+
+_HERE = os.path.dirname(os.path.abspath(__file__))
+DEFAULT_CONFIG = os.path.join(_HERE, "configs", "digits.py")
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("workdir", None, "Output folder (default: workdir/<config name>).")
+flags.DEFINE_bool("distributed", None, "Call jax.distributed.initialize() (default: $FQ_JAX_DISTRIBUTED).")
+flags.DEFINE_string("jax_cache_dir", os.environ.get("FQ_JAX_COMPILATION_CACHE", ""),
+                    "Persistent compilation cache folder ('' disables).")
+
+
+def _define_config_flag():
+  # Defining the flag already applies --config.* overrides to the default
+  # config, so a bad override fails here: report it in one line.
+  try:
+    config_flags.DEFINE_config_file("config", DEFAULT_CONFIG, "Path to a configs/*.py file.",
+                                    lock_config=True)
+  except Exception as e:  # noqa: BLE001 - any override error becomes one line
+    from fq_jax.pipeline.configuration import parse_override_error
+    sys.exit(f"error: {parse_override_error(sys.argv, e)}")
+
+
+def _parse_flags(argv):
+  try:
+    return FLAGS(argv)
+  except Exception as e:  # noqa: BLE001 - absl prints a usage hint and a second line otherwise
+    from fq_jax.pipeline.configuration import parse_override_error
+    sys.exit(f"error: {parse_override_error(argv, e)}")
+
+
+def main(argv):
+  if len(argv) > 1:
+    sys.exit(f"error: unexpected arguments: {' '.join(argv[1:])}")
+  if not FLAGS["verbosity"].present:
+    # Orbax logs every save at INFO; keep the console to progress and results.
+    logging.set_verbosity(logging.WARNING)
+  # Imported here so that flag errors come out before JAX starts.
+  import jax
+
+  from fq_jax.pipeline import ConfigError, sharding, train_lib
+
+  sharding.initialize_distributed(FLAGS.distributed)
+  if FLAGS.jax_cache_dir:
+    jax.config.update("jax_compilation_cache_dir", FLAGS.jax_cache_dir)
+  config_path = config_flags.get_config_filename(FLAGS["config"])
+  try:
+    config = FLAGS.config
+    config.get("model")  # a file that failed to load raises here
+  except Exception as e:  # noqa: BLE001
+    reason = "file not found" if not os.path.isfile(config_path) else str(e).splitlines()[0]
+    sys.exit(f"error: config: cannot load {config_path}: {reason}")
+  workdir = FLAGS.workdir
+  if not workdir:
+    name = os.path.splitext(os.path.basename(config_path))[0]
+    workdir = os.path.join("workdir", name)
+  try:
+    train_lib.run(config, workdir)
+  except ConfigError as e:
+    sys.exit(f"error: {e}")
+  except FileNotFoundError as e:
+    sys.exit(f"error: {e}")
+
+
+if __name__ == "__main__":
+  _define_config_flag()
+  app.run(main, flags_parser=_parse_flags)
