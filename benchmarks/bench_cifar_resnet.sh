@@ -39,12 +39,12 @@ import json, sys
 out = sys.argv[1]
 ref = json.load(open(f"{out}/reference/report.json"))
 cmp = json.load(open(f"{out}/compressed/report.json"))
-walls = dict(l.split(": ")[0:2] for l in open(f"{out}/machine.txt") if " s wall" in l)
+walls = dict(l.strip().split(": ", 1) for l in open(f"{out}/machine.txt") if " s wall" in l)
 rows = [
     ("dense accuracy as imported", f"{100 * cmp['dense']['accuracy']:.2f}%"),
     ("reference (float fine-tuned, same steps)", f"{100 * ref['compressed']['accuracy']:.2f}%"),
     ("compressed (pruned + 5-bit FQ)", f"{100 * cmp['compressed']['accuracy']:.2f}%"),
-    ("loss vs reference", f"{100 * (ref['compressed']['accuracy'] - cmp['compressed']['accuracy']):+.2f} points"),
+    ("accuracy loss vs reference", f"{100 * (ref['compressed']['accuracy'] - cmp['compressed']['accuracy']):.2f} points"),
     ("sparsity", f"{cmp['pruned']['sparsity']:.4f}"),
     ("artifact bytes (model.fqz)", f"{cmp['compressed']['artifact_bytes']:,}"
      + (" (estimate)" if cmp['compressed'].get('estimate') else "")),
