@@ -40,7 +40,6 @@ import sys
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 import fq_jax as fq
@@ -206,7 +205,6 @@ def main(argv=None):
                          metadata=meta)
   with open(args.fqz, "wb") as f:
     f.write(blob)
-  del variables, v_fq, v_ref
   t = time.perf_counter()
   res_float = fq.evaluate_fqz(args.fqz, integer=False, limit=args.limit)
   row("file, float path (act + BN simulated)", res_float["accuracy"], seconds=res_float["seconds"])

@@ -73,6 +73,14 @@ def get_config() -> ml_collections.ConfigDict:
   c.quant.lr_restart = True  # every INQ step starts again at quant.learning_rate
   c.quant.alpha_learning_rate = 1e-4  # Adam on the per-layer scales alpha (0 freezes them)
   c.quant.gmm_iters = 200
+  # Integer inference (docs/integer_inference.md): power-of-two-scaled integer
+  # activations at every conv/dense input (trained straight-through in the
+  # quantize stage) and the integer batch norm with sigma and alpha folded in,
+  # simulated in evaluation and recorded in model.fqz for `fq-jax evaluate --integer`.
+  c.quant.activation_bits = 0  # 0: float activations; else 2..16 (paper's Table 3: 8)
+  c.quant.bn_bits = 0  # 0: float batch norm; else 2..24 (paper's Table 3: 16)
+  c.quant.activation_calibration_batches = 8  # training batches that calibrate the scales
+  c.quant.activation_percentile = 99.99  # clip of each layer input: this percentile of |x|
   # Compression rules, tried before the default (every conv/dense kernel):
   # "REGEX:key=value,..." with keys prune, quantize, recentralize, sparsity,
   # bits, w_sep, min_ndim (see fq_jax/pipeline/configuration.py).

@@ -17,19 +17,22 @@ from __future__ import annotations
 
 import json
 import os
+import pathlib
 
+import flax.linen as nn
 import jax
 import jax.extend
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 
 import fq_jax as fq
 from fq_jax import models
 from fq_jax._src import integer as I
 from fq_jax._src import integer_models as IM
-from fq_jax.cli import focus_layer, main as cli_main
+from fq_jax.cli import main as cli_main
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
 
 # ----------------------------------------------------------------------------
 # Activation quantization
@@ -66,8 +69,46 @@ def test_calibrate_activations_digits_model():
   assert set(scales) == {"conv1", "conv2", "fc1", "head"}
   assert not scales["conv1"].signed and scales["conv1"].exponent == -7  # max < 1 <= 255 * 2^-7
   assert not scales["conv2"].signed  # after ReLU
-  pct = fq.calibrate_activations(model, v, [x], bits=8)
-  assert all(pct[k].exponent <= scales[k].exponent for k in scales)
+
+
+def test_percentile_from_log_histogram():
+  x = np.random.default_rng(0).normal(size=200_000).astype(np.float32)
+  hist = np.asarray(I._log_histogram(x))
+  assert hist.sum() == x.size
+  exact = np.percentile(np.abs(x), 99.9)
+  approx = I._histogram_percentile(hist, 99.9)
+  assert exact <= approx <= exact * 2 ** (1 / 16) * 1.001  # the upper edge of a 1/16-octave bin
+
+
+def test_quantized_activations_model_trains_straight_through():
+  model = models.DigitsCNN()
+  x = jax.random.uniform(jax.random.key(0), (16, 8, 8, 1))
+  v = jax.jit(model.init)(jax.random.key(1), x)
+  scales = {"conv1": {"exponent": -7, "signed": False}, "conv2": {"exponent": -4, "signed": False},
+            "fc1": {"exponent": -4, "signed": False}, "head": {"exponent": -4, "signed": False}}
+  qmodel = fq.QuantizedActivationsModel(model, activation_bits=4, activation_scales=scales)
+
+  @jax.jit
+  def loss(params):
+    logits, upd = qmodel.apply({**v, "params": params}, x, train=True, mutable=["batch_stats"])
+    return jnp.sum(logits**2), (logits, upd)
+
+  (_, (logits, upd)), g = jax.value_and_grad(loss, has_aux=True)(v["params"])
+  assert set(upd) == {"batch_stats"}
+  assert all(np.all(np.isfinite(a)) and np.any(a != 0) for a in jax.tree.leaves(g))
+  # The forward pass saw 4-bit codes: the same as quantizing every layer input by hand.
+  def by_hand(next_fun, args, kwargs, context):
+    if context.method_name == "__call__" and isinstance(context.module, (nn.Conv, nn.Dense)):
+      s = scales["/".join(context.module.path)]
+      args = (fq.quantize_activations(args[0], bits=4, scale=2.0 ** s["exponent"], signed=False),)
+    return next_fun(*args, **kwargs)
+
+  @jax.jit
+  def reference(v, x):
+    with nn.intercept_methods(by_hand):
+      return model.apply(v, x, train=True, mutable=["batch_stats"])[0]
+
+  np.testing.assert_array_equal(logits, reference(v, x))
 
 
 # ----------------------------------------------------------------------------
@@ -256,83 +297,66 @@ def _tree(flat):
   return tree
 
 
-def _compress(variables, *, bits=5, sparsity=0.5, skip=()):
-  """Post-training focused quantization (GMM fit) of every kernel (skipped ones stay float)."""
-  flat = _flat(variables)
-  focus, stored = {}, dict(flat)
-  for i, (name, w) in enumerate(flat.items()):
-    if not name.endswith("kernel") or any(s in name for s in skip):
-      continue
-    mask = np.abs(w) >= np.quantile(np.abs(w), sparsity)
-    st = focus_layer(w, mask, jax.random.key(i), bits=bits, w_sep=2.0, recentralize=True)
-    focus[name] = st
-    stored[name] = np.asarray(fq.focused_values(fq.focused_symbols(w, st), st))
-  return stored, focus
-
-
 @pytest.fixture(scope="module")
-def digits_file():
-  """A digits CNN trained for a few epochs, 5-bit FQ (post-training), 8-bit activations."""
+def digits_run(tmp_path_factory):
+  """train.py's pipeline on digits with 8-bit activations and 16-bit integer batch norm:
+  dense, magnitude pruning, post-training FQ (the activation scales are then calibrated at
+  the evaluate stage); the head is pruned but left in float (rule quantize=false)."""
+  import sys
+
+  sys.path.insert(0, str(REPO))
+  from configs import digits
+  from fq_jax.pipeline import train_lib
+
+  c = digits.get_config()
+  c.dense_epochs, c.prune_epochs = 3.0, 1.0
+  c.prune.method, c.prune.sparsity = "magnitude", 0.8
+  c.quant_epochs_per_step, c.quant.final_epochs = 0.0, 0.0
+  c.quant.rules = ("head/kernel$:quantize=false,sparsity=0.5",)
+  c.quant.activation_bits, c.quant.bn_bits = 8, 16
+  c.progress_bar, c.checkpoint_every_steps, c.async_checkpointing = False, 0, False
+  workdir = tmp_path_factory.mktemp("digits_run")
+  report = train_lib.run(c, str(workdir), log=lambda s: None)
+  path = workdir / "model.fqz"
+  decoded = fq.load_fqz(path)
   from fq_jax import data
 
-  ds = data.load_digits()
-  (xtr, ytr), (xte, yte) = ds.train, ds.test
-  model = models.DigitsCNN()
-  v = model.init(jax.random.key(0), xtr[:2])
-  params, stats = v["params"], v["batch_stats"]
-  tx = optax.adam(3e-3)
-  opt = tx.init(params)
-
-  @jax.jit
-  def step(params, stats, opt, x, y):
-    def loss(p):
-      logits, upd = model.apply({"params": p, "batch_stats": stats}, x, train=True,
-                                mutable=["batch_stats"])
-      return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean(), upd
-
-    (_, upd), g = jax.value_and_grad(loss, has_aux=True)(params)
-    u, opt = tx.update(g, opt, params)
-    return optax.apply_updates(params, u), upd["batch_stats"], opt
-
-  rng = np.random.default_rng(0)
-  for _ in range(3):
-    perm = rng.permutation(len(xtr))
-    for i in range(0, len(perm) - 63, 64):
-      b = perm[i:i + 64]
-      params, stats, opt = step(params, stats, opt, xtr[b], ytr[b])
-  # The head is kept in float: the integer path runs it with float multiplies and says so.
-  arrays, focus = _compress({"params": params, "batch_stats": stats}, skip=("head",))
-  variables = _tree(arrays)
-  scales = fq.calibrate_activations(model, variables, [xtr[:600], xtr[600:1200]], bits=8)
-  meta = {"model": "digits_cnn", "num_classes": 10, "dataset": "digits", "activation_bits": 8,
-          "activation_scales": I.scales_to_json(scales), "bn_bits": 16}
-  data = _encode(arrays, focus, meta)
-  decoded = fq.decode_model(data)
-  return decoded, data, (xte, yte), model, variables, focus, scales, fq.IntegerModel(decoded, check_overflow=True)(xte)
+  x, y = data.load_digits().test
+  return decoded, path, (x, y), report, fq.IntegerModel(decoded, check_overflow=True)(x)
 
 
-def test_digits_integer_path_matches_float64_simulation(digits_file):
-  decoded, _, (x, y), *_, logits = digits_file
+def test_pipeline_file_records_everything(digits_run):
+  decoded, _, _, report, _ = digits_run
+  meta = decoded.metadata
+  assert meta["architecture"] == "digits_cnn" and meta["dataset"] == "digits"
+  assert meta["num_classes"] == 10 and meta["activation_bits"] == 8 and meta["bn_bits"] == 16
+  assert set(meta["activation_scales"]) == {"conv1", "conv2", "fc1", "head"}
+  assert not meta["activation_scales"]["conv2"]["signed"]  # ReLU outputs: unsigned codes
+  c = report["compressed"]
+  assert c["roundtrip_exact"] and 0.8 < c["accuracy"] <= 1.0
+  assert "accuracy_float_activations" in c
+
+
+def test_digits_integer_path_matches_float64_simulation(digits_run):
+  decoded, _, (x, y), report, logits = digits_run
   with jax.enable_x64(True):
     ref = IM.float_logits_fn(decoded, dtype=jnp.float64)(x)
   np.testing.assert_allclose(logits, ref, rtol=1e-5, atol=1e-5)
-  assert np.mean(np.argmax(logits, -1) == y) > 0.85
+  # ... and its accuracy is the one the pipeline reported for the simulated model.
+  assert abs(np.mean(np.argmax(logits, -1) == y) - report["compressed"]["accuracy"]) <= 2 / len(y)
 
 
-def test_digits_integer_path_matches_float32_simulation(digits_file):
-  decoded, _, (x, y), model, variables, focus, scales, logits = digits_file
-  # The simulation from the in-memory model (what training evaluates) ...
-  sim = np.asarray(jax.jit(lambda v, f, x: fq.apply_quantized(
-      model, v, x, train=False, activation_bits=8, activation_scales=scales, bn_bits=16,
-      focus=f))(variables, focus, x))
-  # ... equals the one from the file.
-  np.testing.assert_array_equal(sim, IM.float_logits_fn(decoded)(x))
+def test_digits_integer_path_matches_float32_simulation(digits_run):
+  decoded, _, (x, y), report, logits = digits_run
+  sim = IM.float_logits_fn(decoded)(x)
   assert np.mean(np.argmax(logits, -1) == np.argmax(sim, -1)) >= 0.99
   assert np.mean(np.abs(logits - sim).max(-1) <= 1e-3) >= 0.95
+  # The simulation from the file is what the pipeline evaluated.
+  assert np.mean(np.argmax(sim, -1) == y) == pytest.approx(report["compressed"]["accuracy"], abs=1e-9)
 
 
-def test_digits_op_counts(digits_file):
-  decoded = digits_file[0]
+def test_digits_op_counts(digits_run):
+  decoded = digits_run[0]
   ops = fq.count_integer_ops(decoded, (8, 8, 1))
   rows = {r["layer"]: r for r in ops["layers"]}
   assert set(rows) == {"conv1", "conv2", "fc1", "head"}
@@ -349,9 +373,10 @@ def test_digits_op_counts(digits_file):
   assert ops["total"]["multiplies"] == rows["head"]["multiplies"]
 
 
-def _random_file(model, shape, *, seed=0, bn_bits=16, name, **meta):
+def _random_file(model, shape, *, seed=0, bn_bits=16, normalize=False, name, **meta):
   """An .fqz of `model` with random focused kernels (alternately recentralized and shift),
-  random batch norms, and activation scales calibrated on random inputs."""
+  random batch norms (with `normalize`, statistics of a batch of the random inputs, which
+  keeps deep networks from blowing up), and activation scales calibrated on random inputs."""
   rng = np.random.default_rng(seed)
   x = rng.normal(size=(4, *shape)).astype(np.float32)
   abstract = jax.eval_shape(model.init, jax.random.key(0), x[:1])
@@ -369,6 +394,13 @@ def _random_file(model, shape, *, seed=0, bn_bits=16, name, **meta):
     else:
       arrays[name_] = (rng.normal(size=leaf.shape) * 0.1).astype(np.float32)
   variables = _tree({**arrays, **values})
+  if normalize:  # flax: new = 0.9 old + 0.1 batch
+    _, upd = jax.jit(lambda v, x: model.apply(v, x, train=True, mutable=["batch_stats"]))(variables, x)
+    for k, v in _flat({"batch_stats": upd["batch_stats"]}).items():
+      arrays[k] = ((v - 0.9 * arrays[k]) / 0.1).astype(np.float32)
+      if k.endswith("var"):
+        arrays[k] = np.maximum(arrays[k], 1e-3)
+    variables = _tree({**arrays, **values})
   scales = fq.calibrate_activations(model, variables, [x], bits=8, method="max")
   md = {"model": name, "dataset": "none", "activation_bits": 8,
         "activation_scales": I.scales_to_json(scales), "bn_bits": bn_bits, **meta}
@@ -379,14 +411,24 @@ SLOW = pytest.mark.skipif(not os.environ.get("FQ_JAX_SLOW_TESTS"),
                           reason="about 20 s of compilation; set FQ_JAX_SLOW_TESTS=1 to run")
 
 
-@pytest.mark.parametrize("arch", ["cifar_resnet8", pytest.param("mobilenet_v2", marks=[pytest.mark.slow, SLOW])])
+_SLOW_ARCHS = [pytest.param(a, marks=[pytest.mark.slow, SLOW])
+               for a in ("mobilenet_v2", "mobilenet_v1", "resnet18", "resnet50")]
+
+
+@pytest.mark.parametrize("arch", ["cifar_resnet8", *_SLOW_ARCHS])
 def test_integer_path_other_architectures(arch):
   if arch == "cifar_resnet8":  # option-A shortcuts, 4x4 global pooling (a shift)
     decoded, x = _random_file(models.CifarResNet(depth=8), (16, 16, 3), name="cifar_resnet",
                               depth=8)
-  else:  # depthwise convolutions, ReLU6, linear bottlenecks with residual adds
+  elif arch == "mobilenet_v2":  # depthwise convolutions, ReLU6, linear bottlenecks, residual adds
     decoded, x = _random_file(models.mobilenet_v2(num_classes=10, width=0.25), (16, 16, 3),
                               name="mobilenet_v2", width=0.25)
+  elif arch == "mobilenet_v1":
+    decoded, x = _random_file(models.mobilenet_v1(num_classes=10, width=0.25), (32, 32, 3),
+                              name="mobilenet_v1", width=0.25)
+  else:  # 7x7 stride-2 stem, max-pool, projection shortcuts, 1x1 global pooling
+    decoded, x = _random_file(models.get_model(arch, num_classes=10), (32, 32, 3), name=arch,
+                              normalize=True)
   with jax.enable_x64(True):
     ref = IM.float_logits_fn(decoded, dtype=jnp.float64)(x)
   logits = fq.IntegerModel(decoded, check_overflow=True)(x)
@@ -397,8 +439,8 @@ def test_integer_path_other_architectures(arch):
   assert all(r["multiplies"] == 0 for r in ops["layers"])
 
 
-def test_model_spec_inference_without_metadata(digits_file):
-  decoded = digits_file[0]
+def test_model_spec_inference_without_metadata(digits_run):
+  decoded = digits_run[0]
   spec = IM.model_spec(decoded)
   assert spec.name == "digits_cnn" and spec.kwargs["num_classes"] == 10 and spec.activation_bits == 8
   bare = fq.decode_model(fq.encode_model({k: np.asarray(v) for k, v in decoded.arrays.items()}))
@@ -413,10 +455,8 @@ def test_model_spec_inference_without_metadata(digits_file):
 # ----------------------------------------------------------------------------
 
 
-def test_cli_evaluate(digits_file, tmp_path, capsys):
-  _, data, (_, y), *_ = digits_file
-  path = tmp_path / "digits.fqz"
-  path.write_bytes(data)
+def test_cli_evaluate(digits_run, capsys):
+  path = digits_run[1]
   assert cli_main(["evaluate", str(path), "--integer", "--limit", "100"]) == 0
   out = capsys.readouterr().out
   assert "integer path" in out and "top-1" in out and "(" in out and "/100)" in out
@@ -427,8 +467,8 @@ def test_cli_evaluate(digits_file, tmp_path, capsys):
   assert res["ops"]["total"]["float_layers"] == ["head"]
 
 
-def test_cli_evaluate_errors(digits_file, tmp_path, capsys):
-  decoded = digits_file[0]
+def test_cli_evaluate_errors(digits_run, tmp_path, capsys):
+  decoded = digits_run[0]
   assert cli_main(["evaluate", str(tmp_path / "missing.fqz"), "--integer"]) == 1
   err = capsys.readouterr().err
   assert err.count("\n") == 1 and "no such file" in err

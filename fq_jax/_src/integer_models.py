@@ -24,10 +24,9 @@ folded batch norm; `count_integer_ops` reports their multiplies.
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 import re
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from typing import Any, Callable
 
 import jax
@@ -90,7 +89,8 @@ def _infer_model_name(paths) -> str | None:
 def model_spec(decoded) -> ModelSpec:
   """Reads the architecture and quantization settings of a decoded file.
 
-  Metadata keys: "model" (registry name), "num_classes", "depth"
+  Metadata keys: "architecture" or "model" (registry name; train.py's
+  "cifar_resnet-20" label is understood), "num_classes", "depth"
   (cifar_resnet), "width" (MobileNets), "dataset", "activation_bits",
   "activation_scales", "bn_bits". A missing model name, class count or depth
   is inferred from the array paths and shapes.
@@ -100,7 +100,12 @@ def model_spec(decoded) -> ModelSpec:
   """
   meta = dict(decoded.metadata or {})
   paths = list(decoded.arrays)
-  name = meta.get("model") or _infer_model_name(paths)
+  name = meta.get("architecture") or meta.get("model") or _infer_model_name(paths)
+  if isinstance(name, str) and name not in MODEL_NAMES and name.startswith("cifar_resnet-"):
+    # train.py labels CIFAR ResNets "cifar_resnet-<depth>".
+    name, _, depth = name.partition("-")
+    if depth.isdigit():
+      meta.setdefault("depth", int(depth))
   if name not in MODEL_NAMES:
     raise ValueError(f"the file's model {name!r} is not one of {', '.join(MODEL_NAMES)}"
                      if name else "the file's metadata names no model and its arrays match none")

@@ -163,6 +163,15 @@ def validate(config) -> None:
          and all(0 < f <= 1 for f in fractions), "quant.inq_fractions",
          f"must increase within (0, 1] and end at 1.0, got {fractions}")
   _check(c.quant.refit_growth >= 1, "quant.refit_growth", f"must be >= 1, got {c.quant.refit_growth}")
+  act, bn = c.quant.activation_bits, c.quant.bn_bits
+  _check(isinstance(act, int) and (act == 0 or 2 <= act <= 16), "quant.activation_bits",
+         f"must be 0 (float) or an integer in [2, 16], got {act}")
+  _check(isinstance(bn, int) and (bn == 0 or 2 <= bn <= 24), "quant.bn_bits",
+         f"must be 0 (float) or an integer in [2, 24], got {bn}")
+  _check(c.quant.activation_calibration_batches >= 1, "quant.activation_calibration_batches",
+         f"must be >= 1, got {c.quant.activation_calibration_batches}")
+  _check(0 < c.quant.activation_percentile <= 100, "quant.activation_percentile",
+         f"must be in (0, 100], got {c.quant.activation_percentile}")
   compression_rules(c)  # raises ConfigError for a malformed rule
   _check(c.checkpoint_every_steps >= 0, "checkpoint_every_steps",
          f"must be >= 0, got {c.checkpoint_every_steps}")

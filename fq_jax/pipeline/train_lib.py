@@ -52,6 +52,7 @@ from fq_jax.pipeline import artifact as artifact_lib
 from fq_jax.pipeline import checkpoint as checkpoint_lib
 from fq_jax.pipeline import configuration as cfg
 from fq_jax.pipeline import input_pipeline
+from fq_jax.pipeline import integer as integer_lib
 from fq_jax.pipeline import metrics as metrics_lib
 from fq_jax.pipeline import sharding as sharding_lib
 from fq_jax.pipeline import steps as steps_lib
@@ -312,15 +313,17 @@ def forward_variables(ctx: Context, carry: dict[str, Any]) -> dict[str, Any]:
   return out
 
 
-def evaluate(ctx: Context, variables: dict[str, Any]) -> dict[str, float]:
-  """Test-split loss, top-1 (and top-5) accuracy of `variables`."""
+def evaluate(ctx: Context, variables: dict[str, Any], model=None) -> dict[str, float]:
+  """Test-split loss, top-1 (and top-5) accuracy of `variables` (with `model`, default ctx.model)."""
   if ctx._eval_step is None:
     ctx._eval_step = steps_lib.jit_eval_step(steps_lib.make_eval_step(ctx.model, ctx.top5), ctx.mesh)
+  eval_step = ctx._eval_step if model is None else steps_lib.jit_eval_step(
+      steps_lib.make_eval_step(model, ctx.top5), ctx.mesh)
   variables = sharding_lib.put_replicated(variables, ctx.mesh)
   bs = sharding_lib.batch_sharding(ctx.mesh)
   sums = None
   for batch in ctx.source.eval_batches():
-    out = ctx._eval_step(variables, sharding_lib.put_batch(batch, bs))
+    out = eval_step(variables, sharding_lib.put_batch(batch, bs))
     sums = out if sums is None else jax.tree.map(jnp.add, sums, out)
   sums = {k: float(steps_lib.host_value(v)) for k, v in sums.items()}
   n = max(sums["count"], 1.0)
@@ -452,7 +455,11 @@ class Runner:
     if plan.num_steps <= start_step:
       return
     mesh = ctx.mesh
-    step_fn = steps_lib.jit_train_step(steps_lib.make_train_step(ctx.model, plan.tx, plan.forward), mesh)
+    model = ctx.model
+    scales = self.record.results.get("activation_scales")
+    if plan.name == "quantize" and scales:  # integer activations, straight-through
+      model = integer_lib.model_for(ctx, scales)
+    step_fn = steps_lib.jit_train_step(steps_lib.make_train_step(model, plan.tx, plan.forward), mesh)
     state = steps_lib.TrainState(self.carry["params"], self.carry["batch_stats"], self.carry["opt_state"])
     state = sharding_lib.put_replicated(state, mesh, copy=True)  # the steps donate it
     bs = sharding_lib.batch_sharding(mesh)
@@ -558,6 +565,9 @@ class Runner:
     plan = quant_plan(ctx, masks)
     if start_step == 0:
       self.carry["opt_state"] = jax.jit(plan.tx.init)(self.carry["params"])
+      if ctx.quantizes and plan.num_steps and integer_lib.activation_bits(ctx.config):
+        self.record.results["activation_scales"] = integer_lib.calibrate(
+            ctx, forward_variables(ctx, self.carry))
     self.train(plan, start_step)
     if not ctx.quantizes:
       self.carry.pop("opt_state", None)
@@ -568,6 +578,12 @@ class Runner:
     t0 = time.perf_counter()
     variables = forward_variables(ctx, self.carry)
     result = evaluate(ctx, variables)
+    if integer_lib.enabled(ctx.config):  # integer activations / batch norm, simulated
+      if self.record.results.get("activation_scales") is None:
+        self.record.results["activation_scales"] = integer_lib.calibrate(ctx, variables)
+      focus = _to_host(fq.find_state(self.carry["opt_state"]).focus) if ctx.quantizes else None
+      model = integer_lib.model_for(ctx, self.record.results["activation_scales"], focus=focus)
+      result = {**evaluate(ctx, variables, model), "accuracy_float_activations": result["accuracy"]}
     self._eval_row("evaluate", 1, result)
     self.record.seconds["evaluate"] = self.record.seconds.get("evaluate", 0.0) + time.perf_counter() - t0
     t0 = time.perf_counter()
@@ -607,7 +623,8 @@ class Runner:
       real = artifact_lib.write_artifact(
           path, {"params": params, "batch_stats": batch_stats}, state, coder=c.coder,
           metadata={"model": ctx.model_name, "dataset": ctx.source.name,
-                    "bits": bits, "seed": int(c.seed)})
+                    "bits": bits, "seed": int(c.seed),
+                    **integer_lib.metadata(ctx, self.record.results.get("activation_scales"))})
       # The artifact must rebuild exactly the model that was evaluated.
       exact = artifact_lib.trees_equal(real["decoded"], _to_host(variables))
       if not exact:
@@ -671,7 +688,7 @@ def _to_host(tree):
 
 
 def _accuracy_fields(result: dict[str, float]) -> dict[str, float]:
-  return {k: result[k] for k in ("accuracy", "top5") if k in result}
+  return {k: result[k] for k in ("accuracy", "top5", "accuracy_float_activations") if k in result}
 
 
 def _jsonable(x):
