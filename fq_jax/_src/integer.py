@@ -653,7 +653,7 @@ def apply_quantized(
   states = focus_by_module(focus) if bn_bits else {}
   train = bool(apply_kwargs.get("train", False))
   fold_bn = bool(bn_bits) and not train
-  stash: dict[int, tuple] = {}
+  stash: dict[int, tuple] = {}  # id(conv output) -> (output, its two parts and units)
 
   def interceptor(next_fun, args, kwargs, context):
     module = context.module
@@ -669,10 +669,7 @@ def apply_quantized(
         ex = act.exponent
       state = states.get(path)
       if not fold_bn or state is None:
-        out = next_fun(x, *args[1:], **kwargs)
-        if fold_bn:
-          stash[id(out)] = None
-        return out
+        return next_fun(x, *args[1:], **kwargs)
       if isinstance(state, WeightParts):
         alpha, sigma, s_plane, mu = (jnp.asarray(a) for a in state[:4])
         rec, b, q = state.recentralized, state.bias, state.q
@@ -693,7 +690,7 @@ def apply_quantized(
         bias = module.variables["params"]["bias"]
         one = jnp.ones_like(bias, jnp.float32)
         return _requant_sim(info, one, bias, bn_bits).astype(z.dtype)
-      stash[id(z)] = info
+      stash[id(z)] = (z, info)  # the reference keeps the id from being reused
       return z
     if isinstance(module, nn.BatchNorm) and fold_bn:
       use_ra = kwargs.get("use_running_average", module.use_running_average)
@@ -706,7 +703,8 @@ def apply_quantized(
       gamma = p["scale"] if module.use_scale else jnp.ones((c,), jnp.float32)
       beta = p["bias"] if module.use_bias else jnp.zeros((c,), jnp.float32)
       g, h = bn_affine(gamma, beta, st["mean"], st["var"], module.epsilon)
-      info = stash.get(id(y_in))
+      paired = stash.get(id(y_in))
+      info = paired[1] if paired is not None and paired[0] is y_in else None
       if info is None:
         info = (jnp.asarray(y_in, jnp.float32), jnp.zeros((), jnp.float32), jnp.float32(1.0),
                 jnp.float32(0.0), 0, 0)
@@ -755,6 +753,8 @@ class QuantizedActivationsModel:
     return self.model.init(*args, **kwargs)
 
   def __getattr__(self, name):
+    if name == "model":  # not yet set (e.g. while unpickling)
+      raise AttributeError(name)
     return getattr(self.model, name)
 
 
