@@ -15,8 +15,8 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 
 # Small digits schedule: 2 dense epochs (42 steps), 1 prune epoch (21, DNS),
-# INQ steps of half an epoch (4 x 10 + 10 final = 50 updates); a checkpoint
-# every 8 updates and at every stage end.
+# INQ steps of half an epoch (4 x 10 + 10 final = 50 updates, mixtures
+# refitted after 10 and 30); a checkpoint every 8 updates and at every stage end.
 ARGS = ("--config.dense_epochs=2", "--config.prune_epochs=1", "--config.quant_epochs_per_step=0.5",
         "--config.quant.final_epochs=0.5", "--config.checkpoint_every_steps=8",
         "--config.progress_bar=false")
@@ -70,12 +70,11 @@ def test_killed_and_resumed_run_matches_uninterrupted(tmp_path):
   _finish(_start(straight, cache))
 
   # Checkpoints: dense 1-5 (every 8 of 42 updates), 6 = dense end; prune 7-8,
-  # 9 = prune end; quantize 10-15, 16 = quantize end. Kill inside the prune
-  # stage (DNS state), then again inside quantization (FQ state, INQ stage 2).
-  _kill_after_checkpoint(resumed, cache, 8)
+  # 9 = prune end; quantize 10-15, 16 = quantize end. Kill inside
+  # quantization (FQ state restored mid INQ schedule, after a refit).
   _kill_after_checkpoint(resumed, cache, 12)
   out = _finish(_start(resumed, cache))
-  assert "resumed from checkpoint" in out
+  assert "resumed from checkpoint 12: stage quantize, step 24" in out
 
   a, b = _comparable(straight / "report.json"), _comparable(resumed / "report.json")
   assert a["compressed"]["accuracy"] == b["compressed"]["accuracy"]
@@ -88,6 +87,40 @@ def test_killed_and_resumed_run_matches_uninterrupted(tmp_path):
   rows_a = [r.split(",")[:4] for r in (straight / "metrics.csv").read_text().splitlines()]
   rows_b = [r.split(",")[:4] for r in (resumed / "metrics.csv").read_text().splitlines()]
   assert rows_a == rows_b
+
+
+@pytest.mark.parametrize("method", ["dns", "magnitude"])
+def test_checkpoints_restore_every_position_exactly(tmp_path, method):
+  """Mid-stage states of dense training and pruning come back bit for bit."""
+  import jax
+  import numpy as np
+  sys.path.insert(0, str(REPO))
+  from configs import digits
+  from fq_jax.pipeline import train_lib
+
+  config = digits.get_config()
+  config.prune.method = method
+  config.async_checkpointing = False
+  ctx = train_lib.make_context(config, str(tmp_path), log=lambda s: None)
+  runner = train_lib.Runner(ctx)
+  runner.restore_or_start()
+  params = runner.carry["params"]
+  masks = train_lib.initial_masks(ctx, params)
+  plans = {"dense": train_lib.dense_plan(ctx), "prune": train_lib.prune_plan(ctx, masks)}
+  for stage, plan in plans.items():
+    opt_state = plan.tx.init(params)
+    if stage == "prune" and method == "dns":
+      opt_state = opt_state._replace(masks=masks)
+    runner.carry["opt_state"] = opt_state
+    runner.save(stage, 5)
+    runner.ckpt.wait()
+    assert runner.ckpt.meta(runner.ckpt.latest())["position"] == {"stage": stage, "step": 5}
+    restored = runner.ckpt.restore(runner.ckpt.latest(), train_lib.abstract_carry(ctx, stage, 5))
+    saved = {k: runner.carry[k] for k in restored}
+    assert jax.tree.structure(restored) == jax.tree.structure(saved)
+    for x, y in zip(jax.tree.leaves(restored), jax.tree.leaves(saved)):
+      assert x.dtype == y.dtype and np.array_equal(np.asarray(x), np.asarray(y))
+  runner.ckpt.close()
 
 
 def test_changed_config_does_not_resume(tmp_path):
