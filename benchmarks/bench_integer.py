@@ -25,6 +25,12 @@ JPEG CIFAR-10 of ../shared/data:
      per-image operation counts (`fq.count_integer_ops`).
 
 Prints a markdown table and writes JSON (--out).
+
+With --from-fqz FILE (e.g. the model.fqz of a train.py run with
+--config.quant.activation_bits=8 --config.quant.bn_bits=16, fine-tuned), the
+same rows are measured on that file's weights instead: weights only (float
+activations and batch norm), + activations, + integer batch norm, and the
+integer path.
 """
 
 from __future__ import annotations
@@ -109,6 +115,50 @@ def _by_layer(stats):
   return out
 
 
+def from_fqz(path, limit, out):
+  """Table 3's rows from a file written by train.py (see the module docstring)."""
+  from fq_jax._src import integer_models
+
+  decoded = fq.load_fqz(path)
+  spec = integer_models.model_spec(decoded)
+  if not spec.activation_bits:
+    sys.exit(f"{path} records no activation scales")
+  model = integer_models.build_float_model(spec)
+  tree = decoded.tree()
+  variables = {k: tree[k] for k in ("params", "batch_stats")}
+  parts = {k: integer_lib.weight_parts_from_symbols(decoded.symbols[k], st)
+           for k, st in decoded.focus.items()}
+  ds = data.load_cifar10() if spec.dataset == "cifar10" else data.load_digits()
+  x, y = ds.test
+  if limit:
+    x, y = x[:limit], y[:limit]
+  rows = []
+  for name, act, bn in ((f"{decoded.metadata.get('bits', '?')}-bit FQ weights (float activations, float BN)", 0, 0),
+                        (f"+ {spec.activation_bits}-bit activations (simulated)", spec.activation_bits, 0),
+                        (f"+ {spec.bn_bits or 16}-bit integer batch norm (simulated)", spec.activation_bits,
+                         spec.bn_bits or 16)):
+    fn = jax.jit(lambda v, x, act=act, bn=bn: fq.apply_quantized(
+        model, v, x, train=False, activation_bits=act, activation_scales=spec.activation_scales,
+        bn_bits=bn, focus=parts))
+    rows.append({"setting": name, "accuracy": accuracy(lambda x: fn(variables, x), x, y)})
+    print(f"  {name}: {rows[-1]['accuracy']:.4f}", flush=True)
+  res = fq.evaluate_fqz(decoded, integer=True, limit=limit)
+  rows.append({"setting": "file, integer path", "accuracy": res["accuracy"], "seconds": res["seconds"]})
+  print(f"  file, integer path: {res['accuracy']:.4f}", flush=True)
+  result = {"benchmark": "bench_integer --from-fqz", "file": str(path), "metadata": {
+      k: v for k, v in decoded.metadata.items() if k != "activation_scales"},
+            "date": datetime.date.today().isoformat(), "test_examples": len(y), "rows": rows,
+            "ops_per_image": fq.count_integer_ops(decoded, x.shape[1:])["total"]}
+  os.makedirs(os.path.dirname(out), exist_ok=True)
+  with open(out, "w") as f:
+    json.dump(result, f, indent=1, default=str)
+  print()
+  print(f"| {spec.name} from {path} ({len(y)} test images) | top-1 |")
+  print("|---|---|")
+  for r in rows:
+    print(f"| {r['setting']} | {100 * r['accuracy']:.2f}% |")
+
+
 def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   p.add_argument("--depth", type=int, default=20, choices=(20, 56))
@@ -123,7 +173,11 @@ def main(argv=None):
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--fqz", default="/tmp/fq_jax_bench_integer.fqz")
   p.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "integer_resnet20.json"))
+  p.add_argument("--from-fqz", default=None, metavar="FILE",
+                 help="measure the rows on a train.py model.fqz instead (see the docstring)")
   args = p.parse_args(argv)
+  if args.from_fqz:
+    return from_fqz(args.from_fqz, args.limit, args.out)
 
   t_start = time.perf_counter()
   npz = SHARED / "models" / f"resnet{args.depth}-cifar10.npz"
