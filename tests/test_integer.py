@@ -373,7 +373,8 @@ def test_digits_op_counts(digits_run):
   assert ops["total"]["multiplies"] == rows["head"]["multiplies"]
 
 
-def _random_file(model, shape, *, seed=0, bn_bits=16, normalize=False, name, **meta):
+def _random_file(model, shape, *, seed=0, bn_bits=16, normalize=False, float_kernels=(), name,
+                 **meta):
   """An .fqz of `model` with random focused kernels (alternately recentralized and shift),
   random batch norms (with `normalize`, statistics of a batch of the random inputs, which
   keeps deep networks from blowing up), and activation scales calibrated on random inputs."""
@@ -383,7 +384,9 @@ def _random_file(model, shape, *, seed=0, bn_bits=16, normalize=False, name, **m
   arrays, focus, values = {}, {}, {}
   for i, (name_, leaf) in enumerate(_flat(jax.tree.map(lambda a: np.zeros(a.shape, a.dtype),
                                                          abstract)).items()):
-    if name_.endswith("kernel"):
+    if name_ in float_kernels:  # stored as float32: the integer path multiplies
+      arrays[name_] = values[name_] = (rng.normal(size=leaf.shape) * 0.1).astype(np.float32)
+    elif name_.endswith("kernel"):
       st, _, unit = _fake_state(leaf.shape, rng, rec=i % 2 == 0, sparsity=0.5)
       focus[name_], arrays[name_] = st, unit
       values[name_] = unit * st.alpha
@@ -417,9 +420,11 @@ _SLOW_ARCHS = [pytest.param(a, marks=[pytest.mark.slow, SLOW])
 
 @pytest.mark.parametrize("arch", ["cifar_resnet8", *_SLOW_ARCHS])
 def test_integer_path_other_architectures(arch):
-  if arch == "cifar_resnet8":  # option-A shortcuts, 4x4 global pooling (a shift)
+  float_kernels = ()
+  if arch == "cifar_resnet8":  # option-A shortcuts, 4x4 global pooling (a shift), a float conv
+    float_kernels = ("params/stage2_block0/conv1/kernel",)
     decoded, x = _random_file(models.CifarResNet(depth=8), (16, 16, 3), name="cifar_resnet",
-                              depth=8)
+                              depth=8, float_kernels=float_kernels)
   elif arch == "mobilenet_v2":  # depthwise convolutions, ReLU6, linear bottlenecks, residual adds
     decoded, x = _random_file(models.mobilenet_v2(num_classes=10, width=0.25), (16, 16, 3),
                               name="mobilenet_v2", width=0.25)
@@ -435,8 +440,14 @@ def test_integer_path_other_architectures(arch):
   np.testing.assert_allclose(logits, ref, rtol=1e-5, atol=1e-5)
   assert np.abs(ref).max() > 0.1  # not a degenerate network
   ops = fq.count_integer_ops(decoded, x.shape[1:])
-  assert ops["total"]["multiplies"] == 0 and not ops["total"]["float_layers"]
-  assert all(r["multiplies"] == 0 for r in ops["layers"])
+  floats = [k.split("/", 1)[1].rsplit("/", 1)[0] for k in float_kernels]
+  assert ops["total"]["float_layers"] == floats
+  for r in ops["layers"]:
+    if r["layer"] in floats:  # the float layer's multiplies are counted, not hidden
+      assert r["arithmetic"] == "float" and r["multiplies"] == r["kept_macs"] > 0
+    else:
+      assert r["arithmetic"] == "integer" and r["multiplies"] == 0
+  assert ops["total"]["multiplies"] == sum(r["multiplies"] for r in ops["layers"] if r["layer"] in floats)
 
 
 def test_model_spec_inference_without_metadata(digits_run):

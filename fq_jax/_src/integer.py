@@ -706,8 +706,7 @@ def apply_quantized(
       paired = stash.get(id(y_in))
       info = paired[1] if paired is not None and paired[0] is y_in else None
       if info is None:
-        info = (jnp.asarray(y_in, jnp.float32), jnp.zeros((), jnp.float32), jnp.float32(1.0),
-                jnp.float32(0.0), 0, 0)
+        info = (y_in, jnp.zeros((), y_in.dtype), jnp.float32(1.0), jnp.float32(0.0), 0, 0)
       return _requant_sim(info, g, h, bn_bits).astype(y_in.dtype)
     return next_fun(*args, **kwargs)
 
