@@ -12,9 +12,7 @@ A bad setting stops with a one-line `error: <key>: ...`. Multi-host: pass
 import os
 import sys
 
-from absl import app
-from absl import flags
-from absl import logging
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
@@ -22,19 +20,26 @@ DEFAULT_CONFIG = os.path.join(_HERE, "configs", "digits.py")
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Output folder (default: workdir/<config name>).")
-flags.DEFINE_bool("distributed", None, "Call jax.distributed.initialize() (default: $FQ_JAX_DISTRIBUTED).")
-flags.DEFINE_string("jax_cache_dir", os.environ.get("FQ_JAX_COMPILATION_CACHE", ""),
-                    "Persistent compilation cache folder ('' disables).")
+flags.DEFINE_bool(
+  "distributed", None, "Call jax.distributed.initialize() (default: $FQ_JAX_DISTRIBUTED)."
+)
+flags.DEFINE_string(
+  "jax_cache_dir",
+  os.environ.get("FQ_JAX_COMPILATION_CACHE", ""),
+  "Persistent compilation cache folder ('' disables).",
+)
 
 
 def _define_config_flag():
   # Defining the flag already applies --config.* overrides to the default
   # config, so a bad override fails here: report it in one line.
   try:
-    config_flags.DEFINE_config_file("config", DEFAULT_CONFIG, "Path to a configs/*.py file.",
-                                    lock_config=True)
+    config_flags.DEFINE_config_file(
+      "config", DEFAULT_CONFIG, "Path to a configs/*.py file.", lock_config=True
+    )
   except Exception as e:  # noqa: BLE001 - any override error becomes one line
     from fq_jax.pipeline.configuration import parse_override_error
+
     sys.exit(f"error: {parse_override_error(sys.argv, e)}")
 
 
@@ -43,6 +48,7 @@ def _parse_flags(argv):
     return FLAGS(argv)
   except Exception as e:  # noqa: BLE001 - absl prints a usage hint and a second line otherwise
     from fq_jax.pipeline.configuration import parse_override_error
+
     sys.exit(f"error: {parse_override_error(argv, e)}")
 
 

@@ -38,8 +38,10 @@ import subprocess
 import sys
 import time
 
-os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
-                           " --xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1")
+os.environ["XLA_FLAGS"] = (
+  os.environ.get("XLA_FLAGS", "")
+  + " --xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
+)
 for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
   os.environ[var] = "1"
 if hasattr(os, "sched_setaffinity"):
@@ -66,8 +68,11 @@ def resnet50_kernel_shapes() -> list[tuple[str, tuple[int, ...]]]:
   for stage, (width, blocks) in enumerate([(64, 3), (128, 4), (256, 6), (512, 3)], start=1):
     for b in range(blocks):
       p = f"layer{stage}.{b}"
-      shapes += [(f"{p}.conv1", (width, inplanes, 1, 1)), (f"{p}.conv2", (width, width, 3, 3)),
-                 (f"{p}.conv3", (4 * width, width, 1, 1))]
+      shapes += [
+        (f"{p}.conv1", (width, inplanes, 1, 1)),
+        (f"{p}.conv2", (width, width, 3, 3)),
+        (f"{p}.conv3", (4 * width, width, 1, 1)),
+      ]
       if b == 0:
         shapes.append((f"{p}.downsample", (4 * width, inplanes, 1, 1)))
       inplanes = 4 * width
@@ -100,8 +105,9 @@ def compress_like_cli(arrays: dict, sparsity: float, bits: int, kernels_only=Tru
     if w.ndim < 2 or not np.issubdtype(w.dtype, np.floating):
       continue
     mask = cli.magnitude_mask(w, sparsity)
-    focus[path] = cli.focus_layer(w, mask, jax.random.fold_in(key, i), bits=bits, w_sep=2.0,
-                                  recentralize=True)
+    focus[path] = cli.focus_layer(
+      w, mask, jax.random.fold_in(key, i), bits=bits, w_sep=2.0, recentralize=True
+    )
   return focus
 
 
@@ -109,10 +115,13 @@ def stream_symbols(arrays, focus):
   """Per focused layer: (gap symbols, run, kept symbols) exactly as the encoder makes them."""
   out = {}
   paths = list(focus)
-  weights = [arrays[p].reshape(-1)[np.asarray(focus[p].mask).reshape(-1)].astype(np.float32)
-             for p in paths]
-  assigns = [np.asarray(focus[p].assignment).reshape(-1)[np.asarray(focus[p].mask).reshape(-1)]
-             for p in paths]
+  weights = [
+    arrays[p].reshape(-1)[np.asarray(focus[p].mask).reshape(-1)].astype(np.float32) for p in paths
+  ]
+  assigns = [
+    np.asarray(focus[p].assignment).reshape(-1)[np.asarray(focus[p].mask).reshape(-1)]
+    for p in paths
+  ]
   params = [model_lib._focus_params(focus[p]) for p in paths]
   symbols = model_lib.batched_symbols(weights, assigns, params)
   for p, s, prm in zip(paths, symbols, params):
@@ -154,14 +163,23 @@ def bench_model(name, arrays, focus, values, *, repeat=3):
     assert data2 == data
     s = fq.artifact_summary(decoded)
     rows[coder] = dict(
-        file_bytes=s["file_bytes"], coded_bytes=s["coded_bytes"],
-        entropy_bound_bytes=s["entropy_bound_bytes"], overhead=s["coder_overhead"],
-        compression_ratio=s["compression_ratio"],
-        paper_style_compression_ratio=s["paper_style_compression_ratio"],
-        encode_s=enc_t, decode_s=dec_t, encode_core_s=enc_core, decode_core_s=dec_core,
-        encode_wall_s=enc_wall, decode_wall_s=dec_wall,
-        encode_values_per_s=values / enc_t, decode_values_per_s=values / dec_t,
-        encode_core_values_per_s=values / enc_core, decode_core_values_per_s=values / dec_core)
+      file_bytes=s["file_bytes"],
+      coded_bytes=s["coded_bytes"],
+      entropy_bound_bytes=s["entropy_bound_bytes"],
+      overhead=s["coder_overhead"],
+      compression_ratio=s["compression_ratio"],
+      paper_style_compression_ratio=s["paper_style_compression_ratio"],
+      encode_s=enc_t,
+      decode_s=dec_t,
+      encode_core_s=enc_core,
+      decode_core_s=dec_core,
+      encode_wall_s=enc_wall,
+      decode_wall_s=dec_wall,
+      encode_values_per_s=values / enc_t,
+      decode_values_per_s=values / dec_t,
+      encode_core_values_per_s=values / enc_core,
+      decode_core_values_per_s=values / dec_core,
+    )
   opt = huffman_optimal_bytes(streams)
   rows["huffman"]["optimal_code_bytes"] = opt
   rows["huffman"]["overhead_vs_optimal"] = rows["huffman"]["coded_bytes"] / opt - 1
@@ -198,17 +216,25 @@ def bench_references(streams, values, dahuffman_prefix: int):
 
   t_enc, words = timed(enc)
   t_dec, _ = timed(lambda: dec(words))
-  out["constriction"] = dict(bytes=4 * words.size, encode_values_per_s=values / t_enc,
-                             decode_values_per_s=values / t_dec, encode_s=t_enc, decode_s=t_dec)
+  out["constriction"] = dict(
+    bytes=4 * words.size,
+    encode_values_per_s=values / t_enc,
+    decode_values_per_s=values / t_dec,
+    encode_s=t_enc,
+    decode_s=t_dec,
+  )
   # dahuffman (pure Python): on a prefix of the concatenated symbol stream.
   allsym = np.concatenate([s for g, _, s, _ in streams.values()])[:dahuffman_prefix].tolist()
   codec = dahuffman.HuffmanCodec.from_data(allsym)
   t_enc, enc_bytes = timed(lambda: codec.encode(allsym), 1)
   t_dec, back = timed(lambda: codec.decode(enc_bytes), 1)
   assert back == allsym
-  out["dahuffman"] = dict(symbols=len(allsym), bytes=len(enc_bytes),
-                          encode_symbols_per_s=len(allsym) / t_enc,
-                          decode_symbols_per_s=len(allsym) / t_dec)
+  out["dahuffman"] = dict(
+    symbols=len(allsym),
+    bytes=len(enc_bytes),
+    encode_symbols_per_s=len(allsym) / t_enc,
+    decode_symbols_per_s=len(allsym) / t_dec,
+  )
   return out
 
 
@@ -226,42 +252,59 @@ def fmt_rate(x):
 
 def report_model(name, values, rows, lines):
   lines.append(f"### {name} ({values:,} kernel values)\n")
-  lines.append("| coder | file bytes | coded bytes | entropy bound | overhead | CR (file) | "
-               "CR (paper-style) | encode values/s (e2e / core) | decode values/s (e2e / core) |")
+  lines.append(
+    "| coder | file bytes | coded bytes | entropy bound | overhead | CR (file) | "
+    "CR (paper-style) | encode values/s (e2e / core) | decode values/s (e2e / core) |"
+  )
   lines.append("|---|---|---|---|---|---|---|---|---|")
   for coder, r in rows.items():
     lines.append(
-        f"| {coder} | {r['file_bytes']:,} | {r['coded_bytes']:,.0f} | "
-        f"{r['entropy_bound_bytes']:,.0f} | {100 * r['overhead']:+.2f}% | "
-        f"{r['compression_ratio']:.2f}x | {r['paper_style_compression_ratio']:.2f}x | "
-        f"{fmt_rate(r['encode_values_per_s'])} / {fmt_rate(r['encode_core_values_per_s'])} | "
-        f"{fmt_rate(r['decode_values_per_s'])} / {fmt_rate(r['decode_core_values_per_s'])} |")
+      f"| {coder} | {r['file_bytes']:,} | {r['coded_bytes']:,.0f} | "
+      f"{r['entropy_bound_bytes']:,.0f} | {100 * r['overhead']:+.2f}% | "
+      f"{r['compression_ratio']:.2f}x | {r['paper_style_compression_ratio']:.2f}x | "
+      f"{fmt_rate(r['encode_values_per_s'])} / {fmt_rate(r['encode_core_values_per_s'])} | "
+      f"{fmt_rate(r['decode_values_per_s'])} / {fmt_rate(r['decode_core_values_per_s'])} |"
+    )
   h = rows["huffman"]
-  lines.append(f"\nHuffman: {h['coded_bytes']:,.0f} coded bytes vs {h['optimal_code_bytes']:,.0f} "
-               f"bytes of optimal (length-limited) code: {100 * h['overhead_vs_optimal']:+.2f}% "
-               "(tables, lane lengths, byte padding).\n")
+  lines.append(
+    f"\nHuffman: {h['coded_bytes']:,.0f} coded bytes vs {h['optimal_code_bytes']:,.0f} "
+    f"bytes of optimal (length-limited) code: {100 * h['overhead_vs_optimal']:+.2f}% "
+    "(tables, lane lengths, byte padding).\n"
+  )
 
 
 def main(argv=None) -> int:
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument("--json", help="also write the results here")
-  p.add_argument("--scale", type=float, default=1.0,
-                 help="scale the synthetic layer widths' output channels (smoke tests)")
+  p.add_argument(
+    "--scale",
+    type=float,
+    default=1.0,
+    help="scale the synthetic layer widths' output channels (smoke tests)",
+  )
   p.add_argument("--dahuffman-prefix", type=int, default=500_000)
   args = p.parse_args(argv)
   results: dict = dict(
-      command="python " + " ".join([os.path.relpath(__file__, os.getcwd())] + sys.argv[1:]),
-      machine=machine(), date=datetime.date.today().isoformat(), cores_used=1,
-      jax=jax.__version__, numpy=np.__version__)
-  lines = ["## Codec benchmark", "",
-           f"- command: `{results['command']}`",
-           f"- machine: {results['machine']}, one core (process pinned with sched_setaffinity, "
-           "XLA_FLAGS=--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1)",
-           f"- date: {results['date']}; jax {jax.__version__}, numpy {np.__version__}",
-           "- values/s counts every entry of the compressed kernels (pruned ones included); "
-           "e2e = `fq.encode_model`/`fq.decode_model` including the JAX symbol/value kernels; "
-           "core = mask + symbols only (those kernels stubbed with precomputed results); "
-           "best of 3 runs, timed as process CPU time (single thread, pinned core)", ""]
+    command="python " + " ".join([os.path.relpath(__file__, os.getcwd())] + sys.argv[1:]),
+    machine=machine(),
+    date=datetime.date.today().isoformat(),
+    cores_used=1,
+    jax=jax.__version__,
+    numpy=np.__version__,
+  )
+  lines = [
+    "## Codec benchmark",
+    "",
+    f"- command: `{results['command']}`",
+    f"- machine: {results['machine']}, one core (process pinned with sched_setaffinity, "
+    "XLA_FLAGS=--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1)",
+    f"- date: {results['date']}; jax {jax.__version__}, numpy {np.__version__}",
+    "- values/s counts every entry of the compressed kernels (pruned ones included); "
+    "e2e = `fq.encode_model`/`fq.decode_model` including the JAX symbol/value kernels; "
+    "core = mask + symbols only (those kernels stubbed with precomputed results); "
+    "best of 3 runs, timed as process CPU time (single thread, pinned core)",
+    "",
+  ]
 
   rng = np.random.default_rng(0)
   arrays = {}
@@ -276,21 +319,35 @@ def main(argv=None) -> int:
   kinds = [bool(f.recentralized) for f in focus.values()]
   rows, streams = bench_model("resnet50", arrays, focus, values)
   refs = bench_references(streams, values, args.dahuffman_prefix)
-  results["resnet50_synthetic"] = dict(values=values, setup_s=setup, layers=len(focus),
-                                       recentralized_layers=sum(kinds), coders=rows,
-                                       references=refs)
-  report_model(f"ResNet-50-sized synthetic, 80% sparse, 5-bit FQ ({sum(kinds)}/{len(kinds)} "
-               f"layers recentralized)", values, rows, lines)
+  results["resnet50_synthetic"] = dict(
+    values=values,
+    setup_s=setup,
+    layers=len(focus),
+    recentralized_layers=sum(kinds),
+    coders=rows,
+    references=refs,
+  )
+  report_model(
+    f"ResNet-50-sized synthetic, 80% sparse, 5-bit FQ ({sum(kinds)}/{len(kinds)} "
+    f"layers recentralized)",
+    values,
+    rows,
+    lines,
+  )
   c, d = refs["constriction"], refs["dahuffman"]
   lines.append("Reference coders on the same gap + symbol streams:\n")
   lines.append("| coder | bytes | encode | decode |")
   lines.append("|---|---|---|---|")
-  lines.append(f"| raw constriction (AnsCoder + Categorical per stream) | {c['bytes']:,} | "
-               f"{fmt_rate(c['encode_values_per_s'])} values/s | "
-               f"{fmt_rate(c['decode_values_per_s'])} values/s |")
-  lines.append(f"| dahuffman (pure Python), first {d['symbols']:,} kept symbols | {d['bytes']:,} | "
-               f"{fmt_rate(d['encode_symbols_per_s'])} symbols/s | "
-               f"{fmt_rate(d['decode_symbols_per_s'])} symbols/s |")
+  lines.append(
+    f"| raw constriction (AnsCoder + Categorical per stream) | {c['bytes']:,} | "
+    f"{fmt_rate(c['encode_values_per_s'])} values/s | "
+    f"{fmt_rate(c['decode_values_per_s'])} values/s |"
+  )
+  lines.append(
+    f"| dahuffman (pure Python), first {d['symbols']:,} kept symbols | {d['bytes']:,} | "
+    f"{fmt_rate(d['encode_symbols_per_s'])} symbols/s | "
+    f"{fmt_rate(d['decode_symbols_per_s'])} symbols/s |"
+  )
   lines.append("")
 
   for net in ("resnet20", "resnet56"):
@@ -302,13 +359,20 @@ def main(argv=None) -> int:
     focus = compress_like_cli(real, 0.8, 5)
     kvalues = sum(real[p].size for p in focus)
     rows, _ = bench_model(net, real, focus, sum(a.size for a in real.values()))
-    results[net] = dict(values=sum(a.size for a in real.values()), kernel_values=kvalues,
-                        coders=rows)
-    report_model(f"{net} (real CIFAR-10 weights, all {len(real)} arrays; 80% sparse, 5-bit FQ)",
-                 sum(a.size for a in real.values()), rows, lines)
+    results[net] = dict(
+      values=sum(a.size for a in real.values()), kernel_values=kvalues, coders=rows
+    )
+    report_model(
+      f"{net} (real CIFAR-10 weights, all {len(real)} arrays; 80% sparse, 5-bit FQ)",
+      sum(a.size for a in real.values()),
+      rows,
+      lines,
+    )
 
-  lines.append("Targets: ANS within 1% of the entropy bound; Huffman within 5% of its optimal "
-               "code; encode >= 50M and decode >= 25M values/s (mask + symbols, one core).")
+  lines.append(
+    "Targets: ANS within 1% of the entropy bound; Huffman within 5% of its optimal "
+    "code; encode >= 50M and decode >= 25M values/s (mask + symbols, one core)."
+  )
   print("\n".join(lines))
   if args.json:
     pathlib.Path(args.json).write_text(json.dumps(results, indent=1))

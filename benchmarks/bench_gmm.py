@@ -12,6 +12,7 @@ Prints a markdown table (and the machine line) for BENCHMARKS.md.
 2. Every kernel of ResNet-50 (shapes from fq_jax.models, 25.5M values),
    pruned 80%: fq.fit_gmms (one batched EM) wall time, compile excluded.
 """
+
 import argparse
 import datetime
 import platform
@@ -68,30 +69,51 @@ def main():
 
   neg, pos = kept[kept < 0], kept[kept >= 0]
   sk = GaussianMixture(
-      2, weights_init=[0.5, 0.5], means_init=[[neg.mean()], [pos.mean()]],
-      precisions_init=[[[1 / neg.var()]], [[1 / pos.var()]]])
+    2,
+    weights_init=[0.5, 0.5],
+    means_init=[[neg.mean()], [pos.mean()]],
+    precisions_init=[[[1 / neg.var()]], [[1 / pos.var()]]],
+  )
   t_sk, sk = timed(lambda: sk.fit(kept[:, None].astype(np.float64)), 1)
-  g_sk = fq.GMM(jnp.asarray(sk.weights_, jnp.float32), jnp.asarray(sk.means_[:, 0], jnp.float32),
-                jnp.asarray(np.sqrt(sk.covariances_[:, 0, 0]), jnp.float32))
+  g_sk = fq.GMM(
+    jnp.asarray(sk.weights_, jnp.float32),
+    jnp.asarray(sk.means_[:, 0], jnp.float32),
+    jnp.asarray(np.sqrt(sk.covariances_[:, 0, 0]), jnp.float32),
+  )
   ll_sk = float(fq.gmm_log_likelihood(g_sk, kept))
   default = GaussianMixture(2, random_state=0)
   t_default, default = timed(lambda: default.fit(kept[:, None].astype(np.float64)), 1)
-  g_default = fq.GMM(jnp.asarray(default.weights_, jnp.float32),
-                     jnp.asarray(default.means_[:, 0], jnp.float32),
-                     jnp.asarray(np.sqrt(default.covariances_[:, 0, 0]), jnp.float32))
+  g_default = fq.GMM(
+    jnp.asarray(default.weights_, jnp.float32),
+    jnp.asarray(default.means_[:, 0], jnp.float32),
+    jnp.asarray(np.sqrt(default.covariances_[:, 0, 0]), jnp.float32),
+  )
   ll_default = float(fq.gmm_log_likelihood(g_default, kept))
   print("\n| 2,359,296-value layer, 80% pruned | seconds | mean log-likelihood | EM iterations |")
   print("|---|---|---|---|")
   print(f"| fq.fit_gmm (jit, compiled) | {t_fq:.3f} | {ll_fq:.5f} | <= 200 (tol 1e-7) |")
-  print(f"| sklearn GaussianMixture (defaults, paper init) | {t_sk:.3f} | {ll_sk:.5f} | {sk.n_iter_} |")
-  print(f"| sklearn GaussianMixture (defaults: k-means init) | {t_default:.3f} | {ll_default:.5f} | {default.n_iter_} |")
-  print(f"| ratio sklearn (paper init) / fq | {t_sk / t_fq:.1f}x | fq - sklearn = {ll_fq - ll_sk:+.2e} | |")
-  print(f"| ratio sklearn (defaults) / fq | {t_default / t_fq:.1f}x | fq - sklearn = {ll_fq - ll_default:+.2e} | |")
+  print(
+    f"| sklearn GaussianMixture (defaults, paper init) | {t_sk:.3f} | {ll_sk:.5f} | {sk.n_iter_} |"
+  )
+  print(
+    f"| sklearn GaussianMixture (defaults: k-means init) | {t_default:.3f} | {ll_default:.5f} | {default.n_iter_} |"
+  )
+  print(
+    f"| ratio sklearn (paper init) / fq | {t_sk / t_fq:.1f}x | fq - sklearn = {ll_fq - ll_sk:+.2e} | |"
+  )
+  print(
+    f"| ratio sklearn (defaults) / fq | {t_default / t_fq:.1f}x | fq - sklearn = {ll_fq - ll_default:+.2e} | |"
+  )
 
   resnet50 = models.get_model("resnet50")
-  shapes = jax.eval_shape(lambda: resnet50.init(jax.random.key(0), jnp.zeros((1, 224, 224, 3)), train=False))
-  kernels = [x for p, x in jax.tree_util.tree_flatten_with_path(shapes["params"])[0]
-             if fq.path_str(p).endswith("kernel")]
+  shapes = jax.eval_shape(
+    lambda: resnet50.init(jax.random.key(0), jnp.zeros((1, 224, 224, 3)), train=False)
+  )
+  kernels = [
+    x
+    for p, x in jax.tree_util.tree_flatten_with_path(shapes["params"])[0]
+    if fq.path_str(p).endswith("kernel")
+  ]
   layers = [pruned_laplace(k.shape, 0.8, i) for i, k in enumerate(kernels)]
   ws = [jnp.asarray(w) for w, _ in layers]
   ms = [jnp.asarray(m) for _, m in layers]

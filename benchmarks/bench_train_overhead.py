@@ -11,6 +11,7 @@ quantized) and whose optimizer is fq.focused_quantization. The two steps are
 timed alternately (ABAB...) so that load on a shared machine hits both alike;
 the ratio of medians is reported.
 """
+
 import argparse
 import datetime
 import functools
@@ -28,8 +29,9 @@ from fq_jax import models
 def make_step(model, tx, use_fq):
   def loss_fn(params, batch_stats, opt_state, x, y):
     p = fq.quantized(params, opt_state) if use_fq else params
-    logits, new_vars = model.apply({"params": p, "batch_stats": batch_stats}, x, train=True,
-                                   mutable=["batch_stats"])
+    logits, new_vars = model.apply(
+      {"params": p, "batch_stats": batch_stats}, x, train=True, mutable=["batch_stats"]
+    )
     loss = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
     return loss, new_vars["batch_stats"]
 
@@ -38,7 +40,8 @@ def make_step(model, tx, use_fq):
   @functools.partial(jax.jit, donate_argnums=(0, 1, 2))
   def step(params, batch_stats, opt_state, x, y):
     (loss, batch_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-        params, batch_stats, opt_state, x, y)
+      params, batch_stats, opt_state, x, y
+    )
     updates, opt_state = tx.update(grads, opt_state, params)
     return optax.apply_updates(params, updates), batch_stats, opt_state, loss
 
@@ -82,12 +85,16 @@ def main():
       runs[name][1] = out[:3]
   med = {k: statistics.median(v) for k, v in times.items()}
   dev = jax.devices()[0]
-  print(f"date {datetime.date.today()}, device {dev.platform} ({dev.device_kind}), jax {jax.__version__}")
-  print(f"| model | batch | plain step (ms, median) | FQ step (ms, median) | ratio |")
-  print(f"|---|---|---|---|---|")
+  print(
+    f"date {datetime.date.today()}, device {dev.platform} ({dev.device_kind}), jax {jax.__version__}"
+  )
+  print("| model | batch | plain step (ms, median) | FQ step (ms, median) | ratio |")
+  print("|---|---|---|---|---|")
   label = f"{args.model}{args.depth if args.model == 'cifar_resnet' else ''} {args.image}px"
-  print(f"| {label} | {args.batch} | {1e3 * med['plain']:.1f} | {1e3 * med['fq']:.1f} | "
-        f"{med['fq'] / med['plain']:.3f} |")
+  print(
+    f"| {label} | {args.batch} | {1e3 * med['plain']:.1f} | {1e3 * med['fq']:.1f} | "
+    f"{med['fq'] / med['plain']:.3f} |"
+  )
 
 
 if __name__ == "__main__":

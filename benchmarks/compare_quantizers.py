@@ -33,8 +33,9 @@ import os
 import platform
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -79,11 +80,21 @@ def method(name: str) -> Method:
   if name == "shift":
     return Method(name, _fq_tx(rules=SHIFT_RULES), fq.quantized, "focus")
   if name == "kmeans":
-    return Method(name, lambda inner, bits: fq.codebook_quantization(
-        inner, bits=bits, method="kmeans", kmeans_iters=100), fq.codebook_quantized, "codebook")
+    return Method(
+      name,
+      lambda inner, bits: fq.codebook_quantization(
+        inner, bits=bits, method="kmeans", kmeans_iters=100
+      ),
+      fq.codebook_quantized,
+      "codebook",
+    )
   if name == "uniform":
-    return Method(name, lambda inner, bits: fq.codebook_quantization(
-        inner, bits=bits, method="uniform", clip="mse"), fq.codebook_quantized, "codebook")
+    return Method(
+      name,
+      lambda inner, bits: fq.codebook_quantization(inner, bits=bits, method="uniform", clip="mse"),
+      fq.codebook_quantized,
+      "codebook",
+    )
   raise ValueError(name)
 
 
@@ -118,8 +129,10 @@ def encode(m: Method, params, batch_stats, opt_state, coder="ans") -> bytes:
 def encode_pruned(params, batch_stats, masks) -> bytes:
   variables = {"params": params, "batch_stats": batch_stats}
   arrays = dict(zip(_paths(variables), (np.asarray(x) for x in jax.tree.leaves(variables))))
-  mk = {"params/" + p: np.asarray(x) for p, x in zip(
-      jax.tree.leaves(fq.leaf_paths(masks)), jax.tree.leaves(masks))}
+  mk = {
+    "params/" + p: np.asarray(x)
+    for p, x in zip(jax.tree.leaves(fq.leaf_paths(masks)), jax.tree.leaves(masks))
+  }
   return fq.encode_model(arrays, masks=mk)
 
 
@@ -142,8 +155,11 @@ def layer_errors(m: Method, params, opt_state) -> list[dict]:
     kept = int(mask.sum())
     err = float(np.sum((q - w)[mask] ** 2) / max(kept, 1))
     power = float(np.sum(w[mask] ** 2) / max(kept, 1))
-    rows.append(dict(layer=path, kept=kept, mse=err, rel_mse=err / power if power else 0.0,
-                     kind=kind, **extra))
+    rows.append(
+      dict(
+        layer=path, kept=kept, mse=err, rel_mse=err / power if power else 0.0, kind=kind, **extra
+      )
+    )
   return rows
 
 
@@ -178,8 +194,9 @@ def make_eval(model, chunk):
   def evaluate(params, batch_stats, test):
     x, y = test
     variables = {"params": params, "batch_stats": batch_stats}
-    pred = np.concatenate([np.asarray(predict(variables, x[i:i + chunk]))
-                           for i in range(0, len(x), chunk)])
+    pred = np.concatenate(
+      [np.asarray(predict(variables, x[i : i + chunk])) for i in range(0, len(x), chunk)]
+    )
     return float(np.mean(pred == y))
 
   return evaluate
@@ -193,10 +210,15 @@ def train(setup: Setup, params, batch_stats, tx, forward, steps: int, seed: int)
   @jax.jit
   def step(params, batch_stats, opt_state, x, y):
     def loss_fn(p):
-      logits, new = model.apply({"params": forward(p, opt_state), "batch_stats": batch_stats}, x,
-                                train=True, mutable=["batch_stats"])
+      logits, new = model.apply(
+        {"params": forward(p, opt_state), "batch_stats": batch_stats},
+        x,
+        train=True,
+        mutable=["batch_stats"],
+      )
       loss = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
       return loss, new["batch_stats"]
+
     (loss, new_bs), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
     updates, opt_state = tx.update(grads, opt_state, params)
     return optax.apply_updates(params, updates), new_bs, opt_state, loss
@@ -205,10 +227,12 @@ def train(setup: Setup, params, batch_stats, tx, forward, steps: int, seed: int)
   done, losses = 0, []
   epoch = 0
   while done < steps:
-    for b in data_lib.epoch_batches(x, y, setup.batch, epoch=epoch, seed=seed,
-                                    augment=setup.augment):
-      params, batch_stats, opt_state, loss = step(params, batch_stats, opt_state,
-                                                  b["image"], b["label"])
+    for b in data_lib.epoch_batches(
+      x, y, setup.batch, epoch=epoch, seed=seed, augment=setup.augment
+    ):
+      params, batch_stats, opt_state, loss = step(
+        params, batch_stats, opt_state, b["image"], b["label"]
+      )
       losses.append(loss)
       done += 1
       if done >= steps:
@@ -224,9 +248,14 @@ def masked_forward(params, opt_state):
 def mask_tx(inner, masks):
   """A fixed-mask fine-tune: dns_pruning's state holds the masks; updates of pruned weights
   are zeroed so they stay exactly 0."""
+
   def zero(updates):
-    return jax.tree.map(lambda m, u: u if m is None else jnp.where(m, u, 0.0), masks, updates,
-                        is_leaf=lambda v: v is None)
+    return jax.tree.map(
+      lambda m, u: u if m is None else jnp.where(m, u, 0.0),
+      masks,
+      updates,
+      is_leaf=lambda v: v is None,
+    )
 
   def init(params):
     return fq.PruneState(jnp.zeros([], jnp.int32), masks, inner.init(params))
@@ -243,17 +272,27 @@ def digits_setup(args) -> Setup:
   model = models.DigitsCNN()
   variables = model.init(jax.random.key(0), ds.train[0][:2], train=False)
   setup = Setup(
-      name="digits", model=model, params=variables["params"],
-      batch_stats=variables["batch_stats"], train=ds.train, test=ds.test, batch=64, augment=None,
-      mask_steps=args.digits_mask_steps, ft_steps=args.digits_ft_steps,
-      mask_inner=lambda n: optax.adam(optax.cosine_decay_schedule(1e-3, n)),
-      ft_inner=lambda n: optax.adam(optax.cosine_decay_schedule(3e-4, n)),
-      eval_chunk=450, sparsities=(0.7, 0.9))
+    name="digits",
+    model=model,
+    params=variables["params"],
+    batch_stats=variables["batch_stats"],
+    train=ds.train,
+    test=ds.test,
+    batch=64,
+    augment=None,
+    mask_steps=args.digits_mask_steps,
+    ft_steps=args.digits_ft_steps,
+    mask_inner=lambda n: optax.adam(optax.cosine_decay_schedule(1e-3, n)),
+    ft_inner=lambda n: optax.adam(optax.cosine_decay_schedule(3e-4, n)),
+    eval_chunk=450,
+    sparsities=(0.7, 0.9),
+  )
   # Dense training from scratch (quick).
   dense_tx = optax.adam(optax.cosine_decay_schedule(2e-3, args.digits_dense_steps))
   identity = lambda p, s: p
-  params, bs, _, loss = train(setup, setup.params, setup.batch_stats, dense_tx, identity,
-                              args.digits_dense_steps, seed=100)
+  params, bs, _, loss = train(
+    setup, setup.params, setup.batch_stats, dense_tx, identity, args.digits_dense_steps, seed=100
+  )
   setup.params, setup.batch_stats = params, bs
   log(f"digits: dense training {args.digits_dense_steps} steps, last loss {loss:.4f}")
   return setup
@@ -266,17 +305,24 @@ def resnet_setup(args) -> Setup:
   x, y = ds.test
   if args.eval_size and args.eval_size < len(x):
     # A fixed random subset (seed 0) of the test split; the split is stored sorted by class.
-    idx = np.sort(np.random.default_rng(0).permutation(len(x))[:args.eval_size])
+    idx = np.sort(np.random.default_rng(0).permutation(len(x))[: args.eval_size])
     x, y = x[idx], y[idx]
   return Setup(
-      name="resnet20", model=models.CifarResNet(depth=depth),
-      params=jax.tree.map(jnp.asarray, variables["params"]),
-      batch_stats=jax.tree.map(jnp.asarray, variables["batch_stats"]),
-      train=ds.train, test=(x, y), batch=args.batch,
-      augment=data_lib.cifar10_augment, mask_steps=args.mask_steps, ft_steps=args.ft_steps,
-      mask_inner=lambda n: optax.sgd(optax.cosine_decay_schedule(0.01, n), momentum=0.9),
-      ft_inner=lambda n: optax.sgd(optax.cosine_decay_schedule(0.005, n), momentum=0.9),
-      eval_chunk=500, sparsities=(0.5, 0.7))
+    name="resnet20",
+    model=models.CifarResNet(depth=depth),
+    params=jax.tree.map(jnp.asarray, variables["params"]),
+    batch_stats=jax.tree.map(jnp.asarray, variables["batch_stats"]),
+    train=ds.train,
+    test=(x, y),
+    batch=args.batch,
+    augment=data_lib.cifar10_augment,
+    mask_steps=args.mask_steps,
+    ft_steps=args.ft_steps,
+    mask_inner=lambda n: optax.sgd(optax.cosine_decay_schedule(0.01, n), momentum=0.9),
+    ft_inner=lambda n: optax.sgd(optax.cosine_decay_schedule(0.005, n), momentum=0.9),
+    eval_chunk=500,
+    sparsities=(0.5, 0.7),
+  )
 
 
 # ----------------------------------------------------------------------------
@@ -287,8 +333,10 @@ def resnet_setup(args) -> Setup:
 def run_setup(setup: Setup, args, results: dict, layer_rows: list, save: Callable):
   evaluate = make_eval(setup.model, setup.eval_chunk)
   out = results.setdefault(setup.name, {"runs": [], "float": []})
-  n_values = sum(int(np.size(a)) for a in jax.tree.leaves(
-      {"params": setup.params, "batch_stats": setup.batch_stats}))
+  n_values = sum(
+    int(np.size(a))
+    for a in jax.tree.leaves({"params": setup.params, "batch_stats": setup.batch_stats})
+  )
   acc = evaluate(setup.params, setup.batch_stats, setup.test)
   out["float"].append(dict(sparsity=0.0, accuracy=acc, file_bytes=4 * n_values, ratio=1.0))
   out["eval_examples"] = int(len(setup.test[1]))
@@ -299,15 +347,25 @@ def run_setup(setup: Setup, args, results: dict, layer_rows: list, save: Callabl
     p0 = fq.apply_masks(setup.params, masks)
     acc_pruned = evaluate(p0, setup.batch_stats, setup.test)
     tx = mask_tx(setup.mask_inner(setup.mask_steps), masks)
-    params, bs, _, loss = train(setup, p0, setup.batch_stats, tx, masked_forward,
-                                setup.mask_steps, seed=1)
+    params, bs, _, loss = train(
+      setup, p0, setup.batch_stats, tx, masked_forward, setup.mask_steps, seed=1
+    )
     params = fq.apply_masks(params, masks)
     acc = evaluate(params, bs, setup.test)
     nbytes = len(encode_pruned(params, bs, masks))
-    out["float"].append(dict(sparsity=sp, accuracy=acc, accuracy_before_finetune=acc_pruned,
-                             file_bytes=nbytes, ratio=4 * n_values / nbytes))
-    log(f"{setup.name} sparsity {sp}: pruned {acc_pruned:.4f} -> masked fine-tune "
-        f"{setup.mask_steps} steps {acc:.4f}; float sparse file {4 * n_values / nbytes:.2f}x")
+    out["float"].append(
+      dict(
+        sparsity=sp,
+        accuracy=acc,
+        accuracy_before_finetune=acc_pruned,
+        file_bytes=nbytes,
+        ratio=4 * n_values / nbytes,
+      )
+    )
+    log(
+      f"{setup.name} sparsity {sp}: pruned {acc_pruned:.4f} -> masked fine-tune "
+      f"{setup.mask_steps} steps {acc:.4f}; float sparse file {4 * n_values / nbytes:.2f}x"
+    )
     starts[sp] = (params, bs)
     for bits in args.bits:
       for name in args.methods:
@@ -320,27 +378,38 @@ def run_setup(setup: Setup, args, results: dict, layer_rows: list, save: Callabl
             qp, qbs, state = params, bs, jax.jit(tx.init)(params)
             loss = None
           else:
-            qp, qbs, state, loss = train(setup, params, bs, tx, m.forward, setup.ft_steps,
-                                         seed=2)
+            qp, qbs, state, loss = train(setup, params, bs, tx, m.forward, setup.ft_steps, seed=2)
           acc = evaluate(m.forward(qp, state), qbs, setup.test)
           data = encode(m, qp, qbs, state)
           summ = fq.artifact_summary(data)
           errs = layer_errors(m, qp, state)
-          row = dict(sparsity=sp, bits=bits, method=name, stage=stage, accuracy=acc,
-                     file_bytes=len(data), ratio=summ["compression_ratio"],
-                     paper_ratio=summ["paper_style_compression_ratio"],
-                     mean_mse=float(np.mean([e["mse"] for e in errs])),
-                     mean_rel_mse=float(np.mean([e["rel_mse"] for e in errs])),
-                     recentralized_layers=sum(e["kind"] == "recentralized" for e in errs),
-                     layers=len(errs), final_loss=loss, seconds=time.time() - t,
-                     steps=0 if stage == "ptq" else setup.ft_steps)
+          row = dict(
+            sparsity=sp,
+            bits=bits,
+            method=name,
+            stage=stage,
+            accuracy=acc,
+            file_bytes=len(data),
+            ratio=summ["compression_ratio"],
+            paper_ratio=summ["paper_style_compression_ratio"],
+            mean_mse=float(np.mean([e["mse"] for e in errs])),
+            mean_rel_mse=float(np.mean([e["rel_mse"] for e in errs])),
+            recentralized_layers=sum(e["kind"] == "recentralized" for e in errs),
+            layers=len(errs),
+            final_loss=loss,
+            seconds=time.time() - t,
+            steps=0 if stage == "ptq" else setup.ft_steps,
+          )
           out["runs"].append(row)
           for e in errs:
-            layer_rows.append(dict(model=setup.name, sparsity=sp, bits=bits, method=name,
-                                   stage=stage, **e))
-          log(f"{setup.name} sp={sp} bits={bits} {name:8s} {stage}: acc {acc:.4f} "
-              f"ratio {row['ratio']:.2f}x mse {row['mean_mse']:.3g} "
-              f"rel {row['mean_rel_mse']:.4f} ({row['seconds']:.0f}s)")
+            layer_rows.append(
+              dict(model=setup.name, sparsity=sp, bits=bits, method=name, stage=stage, **e)
+            )
+          log(
+            f"{setup.name} sp={sp} bits={bits} {name:8s} {stage}: acc {acc:.4f} "
+            f"ratio {row['ratio']:.2f}x mse {row['mean_mse']:.3g} "
+            f"rel {row['mean_rel_mse']:.4f} ({row['seconds']:.0f}s)"
+          )
           save()
   return starts
 
@@ -356,15 +425,24 @@ def ablation(setup: Setup, start, args, results: dict, save: Callable):
     acc = evaluate(fq.quantized(params, state), bs, setup.test)
     data = encode(m, params, bs, state)
     errs = layer_errors(m, params, state)
-    rows.append(dict(w_sep=w_sep, accuracy=acc, ratio=fq.artifact_summary(data)["compression_ratio"],
-                     mean_mse=float(np.mean([e["mse"] for e in errs])),
-                     mean_rel_mse=float(np.mean([e["rel_mse"] for e in errs])),
-                     kinds={e["layer"]: e["kind"] for e in errs},
-                     separation={e["layer"]: e["separation"] for e in errs}))
-    log(f"ablation w_sep={w_sep}: acc {acc:.4f}, recentralized "
-        f"{sum(k == 'recentralized' for k in rows[-1]['kinds'].values())}/{len(errs)}")
-    results["ablation"] = dict(model=setup.name, sparsity=args.ablation_sparsity,
-                               bits=args.ablation_bits, rows=rows)
+    rows.append(
+      dict(
+        w_sep=w_sep,
+        accuracy=acc,
+        ratio=fq.artifact_summary(data)["compression_ratio"],
+        mean_mse=float(np.mean([e["mse"] for e in errs])),
+        mean_rel_mse=float(np.mean([e["rel_mse"] for e in errs])),
+        kinds={e["layer"]: e["kind"] for e in errs},
+        separation={e["layer"]: e["separation"] for e in errs},
+      )
+    )
+    log(
+      f"ablation w_sep={w_sep}: acc {acc:.4f}, recentralized "
+      f"{sum(k == 'recentralized' for k in rows[-1]['kinds'].values())}/{len(errs)}"
+    )
+    results["ablation"] = dict(
+      model=setup.name, sparsity=args.ablation_sparsity, bits=args.ablation_bits, rows=rows
+    )
     save()
 
 
@@ -376,33 +454,33 @@ def ablation(setup: Setup, start, args, results: dict, save: Callable):
 def write_markdown(results: dict, path: Path):
   meta = results["meta"]
   lines = [
-      "# Focused Quantization against other quantizers on sparse CNNs",
-      "",
-      f"Generated by `{meta['command']}` on {meta['date']} ({meta['machine']}, "
-      f"{meta['platform']}; JAX {meta['jax']}); wall time {meta.get('wall_s', 0) / 60:.1f} min"
-      f"{' (partial: run still going or stopped)' if not meta.get('complete') else ''}.",
-      "",
-      "Same magnitude masks for every method of a setting (per-layer magnitude pruning, then a",
-      "short masked fine-tune of the float weights: the common starting point), the same",
-      "fine-tuning budget (steps, batch, optimizer and learning-rate schedule of the float",
-      "weights; FQ's alpha, the k-means centroids and the uniform scale all use adam(1e-4)), and",
-      "the same encoder: `fq.encode_model` with the rANS coder; the ratio is",
-      "4 x (values of every array the file rebuilds, batch statistics included) / file bytes.",
-      "MSE: mean over quantized layers of the mean squared error between each layer's quantized",
-      "kept weights and the float weights it quantized (the fine-tuned float shadow weights for",
-      "FT); rel = MSE / mean(w^2) of the kept weights, averaged over layers.",
-      "",
-      "Methods: **fq** = Focused Quantization (w_sep = 2.0); **shift** = shift (power-of-two)",
-      "quantization everywhere (INQ-style, `recentralize=False`); **kmeans** = Deep Compression",
-      "weight sharing (1-D k-means on the kept weights, 2^n centroids, linear init, empty",
-      "clusters re-seeded at the farthest weights as scikit-learn does, Lloyd to convergence or",
-      "100 iterations; centroids fine-tuned with the summed member gradients,",
-      "weights re-assigned to the nearest centroid every step); **uniform** = symmetric uniform",
-      "n-bit integers per layer with MSE-optimal clipping of max|w| (64 candidate fractions),",
-      "learned per-layer scale. All symbols are entropy coded (rANS), so `n` bits is a",
-      "quantizer resolution, not a storage cost: FQ n = 5 has 34 symbols, shift 17, k-means 32,",
-      "uniform 32.",
-      "",
+    "# Focused Quantization against other quantizers on sparse CNNs",
+    "",
+    f"Generated by `{meta['command']}` on {meta['date']} ({meta['machine']}, "
+    f"{meta['platform']}; JAX {meta['jax']}); wall time {meta.get('wall_s', 0) / 60:.1f} min"
+    f"{' (partial: run still going or stopped)' if not meta.get('complete') else ''}.",
+    "",
+    "Same magnitude masks for every method of a setting (per-layer magnitude pruning, then a",
+    "short masked fine-tune of the float weights: the common starting point), the same",
+    "fine-tuning budget (steps, batch, optimizer and learning-rate schedule of the float",
+    "weights; FQ's alpha, the k-means centroids and the uniform scale all use adam(1e-4)), and",
+    "the same encoder: `fq.encode_model` with the rANS coder; the ratio is",
+    "4 x (values of every array the file rebuilds, batch statistics included) / file bytes.",
+    "MSE: mean over quantized layers of the mean squared error between each layer's quantized",
+    "kept weights and the float weights it quantized (the fine-tuned float shadow weights for",
+    "FT); rel = MSE / mean(w^2) of the kept weights, averaged over layers.",
+    "",
+    "Methods: **fq** = Focused Quantization (w_sep = 2.0); **shift** = shift (power-of-two)",
+    "quantization everywhere (INQ-style, `recentralize=False`); **kmeans** = Deep Compression",
+    "weight sharing (1-D k-means on the kept weights, 2^n centroids, linear init, empty",
+    "clusters re-seeded at the farthest weights as scikit-learn does, Lloyd to convergence or",
+    "100 iterations; centroids fine-tuned with the summed member gradients,",
+    "weights re-assigned to the nearest centroid every step); **uniform** = symmetric uniform",
+    "n-bit integers per layer with MSE-optimal clipping of max|w| (64 candidate fractions),",
+    "learned per-layer scale. All symbols are entropy coded (rANS), so `n` bits is a",
+    "quantizer resolution, not a storage cost: FQ n = 5 has 34 symbols, shift 17, k-means 32,",
+    "uniform 32.",
+    "",
   ]
   for model_name in ("digits", "resnet20"):
     r = results.get(model_name)
@@ -412,18 +490,30 @@ def write_markdown(results: dict, path: Path):
     lines += [f"## {model_name}", "", cfg, ""]
     lines += ["| float model | accuracy | file ratio |", "|---|---|---|"]
     for f in r["float"]:
-      extra = (f" (pruned, before the masked fine-tune: {f['accuracy_before_finetune']:.4f})"
-               if "accuracy_before_finetune" in f else "")
-      lines.append(f"| sparsity {f['sparsity']:.2f} | {f['accuracy']:.4f}{extra} | "
-                   f"{f['ratio']:.2f}x |")
-    lines += ["", "| sparsity | bits | method | PTQ acc | FT acc | PTQ ratio | FT ratio | "
-              "PTQ MSE (rel) | FT MSE (rel) |", "|---|---|---|---|---|---|---|---|---|"]
+      extra = (
+        f" (pruned, before the masked fine-tune: {f['accuracy_before_finetune']:.4f})"
+        if "accuracy_before_finetune" in f
+        else ""
+      )
+      lines.append(
+        f"| sparsity {f['sparsity']:.2f} | {f['accuracy']:.4f}{extra} | {f['ratio']:.2f}x |"
+      )
+    lines += [
+      "",
+      "| sparsity | bits | method | PTQ acc | FT acc | PTQ ratio | FT ratio | "
+      "PTQ MSE (rel) | FT MSE (rel) |",
+      "|---|---|---|---|---|---|---|---|---|",
+    ]
     runs = r["runs"]
     keys = sorted({(x["sparsity"], x["bits"]) for x in runs})
     for sp, bits in keys:
-      group = {(x["method"], x["stage"]): x for x in runs if (x["sparsity"], x["bits"]) == (sp, bits)}
-      best = {st: max((x["accuracy"] for (mm, s2), x in group.items() if s2 == st), default=None)
-              for st in ("ptq", "ft")}
+      group = {
+        (x["method"], x["stage"]): x for x in runs if (x["sparsity"], x["bits"]) == (sp, bits)
+      }
+      best = {
+        st: max((x["accuracy"] for (mm, s2), x in group.items() if s2 == st), default=None)
+        for st in ("ptq", "ft")
+      }
       for name in METHODS:
         p, f = group.get((name, "ptq")), group.get((name, "ft"))
         if p is None and f is None:
@@ -444,26 +534,36 @@ def write_markdown(results: dict, path: Path):
         tag = name
         if name == "fq" and p is not None:
           tag = f"fq ({p['recentralized_layers']}/{p['layers']} rec.)"
-        lines.append(f"| {sp:.2f} | {bits} | {tag} | {acc(p, 'ptq')} | {acc(f, 'ft')} | "
-                     f"{ratio(p)} | {ratio(f)} | {mse(p)} | {mse(f)} |")
+        lines.append(
+          f"| {sp:.2f} | {bits} | {tag} | {acc(p, 'ptq')} | {acc(f, 'ft')} | "
+          f"{ratio(p)} | {ratio(f)} | {mse(p)} | {mse(f)} |"
+        )
     lines.append("")
   ab = results.get("ablation")
   if ab and ab["rows"]:
     rows = ab["rows"]
-    lines += [f"## w_sep ablation ({ab['model']}, {ab['sparsity']:.0%} pruned, "
-              f"{ab['bits']} bits, PTQ)", "",
-              "| w_sep | recentralized layers | PTQ acc | ratio | MSE (rel) |",
-              "|---|---|---|---|---|"]
+    lines += [
+      f"## w_sep ablation ({ab['model']}, {ab['sparsity']:.0%} pruned, {ab['bits']} bits, PTQ)",
+      "",
+      "| w_sep | recentralized layers | PTQ acc | ratio | MSE (rel) |",
+      "|---|---|---|---|---|",
+    ]
     for x in rows:
       nrec = sum(k == "recentralized" for k in x["kinds"].values())
-      lines.append(f"| {x['w_sep']:.1f} | {nrec}/{len(x['kinds'])} | {x['accuracy']:.4f} | "
-                   f"{x['ratio']:.2f}x | {x['mean_mse']:.3g} ({x['mean_rel_mse']:.4f}) |")
+      lines.append(
+        f"| {x['w_sep']:.1f} | {nrec}/{len(x['kinds'])} | {x['accuracy']:.4f} | "
+        f"{x['ratio']:.2f}x | {x['mean_mse']:.3g} ({x['mean_rel_mse']:.4f}) |"
+      )
     sep = rows[0]["separation"]
-    lines += ["", "Per layer: Wasserstein separation (Eq. 4) and the quantizer chosen at each "
-              "w_sep (R = recentralized, s = shift); a layer switches to shift once w_sep "
-              "exceeds its separation.", "",
-              "| layer | separation | " + " | ".join(f"{x['w_sep']:.1f}" for x in rows) + " |",
-              "|---|---|" + "---|" * len(rows)]
+    lines += [
+      "",
+      "Per layer: Wasserstein separation (Eq. 4) and the quantizer chosen at each "
+      "w_sep (R = recentralized, s = shift); a layer switches to shift once w_sep "
+      "exceeds its separation.",
+      "",
+      "| layer | separation | " + " | ".join(f"{x['w_sep']:.1f}" for x in rows) + " |",
+      "|---|---|" + "---|" * len(rows),
+    ]
     for layer in sep:
       kinds = " | ".join("R" if x["kinds"][layer] == "recentralized" else "s" for x in rows)
       lines.append(f"| {layer.removesuffix('/kernel')} | {sep[layer]:.2f} | {kinds} |")
@@ -474,9 +574,12 @@ def write_markdown(results: dict, path: Path):
 
 def plot(results: dict, outdir: Path, tag: str = ""):
   import matplotlib
+
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
+
   from fq_jax.plotting import plot_accuracy_vs_ratio
+
   for model_name in ("digits", "resnet20"):
     r = results.get(model_name)
     if not r or not r["runs"]:
@@ -485,14 +588,22 @@ def plot(results: dict, outdir: Path, tag: str = ""):
     for ax, stage in zip(axes, ("ptq", "ft")):
       series = {}
       for name in METHODS:
-        pts = [(x["ratio"], x["accuracy"]) for x in r["runs"]
-               if x["method"] == name and x["stage"] == stage]
+        pts = [
+          (x["ratio"], x["accuracy"])
+          for x in r["runs"]
+          if x["method"] == name and x["stage"] == stage
+        ]
         if pts:
           series[name] = pts
       if series:
-        plot_accuracy_vs_ratio(series, ax=ax, title=(
+        plot_accuracy_vs_ratio(
+          series,
+          ax=ax,
+          title=(
             f"{model_name}: {'post-training' if stage == 'ptq' else 'fine-tuned'} "
-            f"(points: sparsity x bits)"))
+            f"(points: sparsity x bits)"
+          ),
+        )
     fig.tight_layout()
     fig.savefig(outdir / f"compare_{model_name}{tag}.png", dpi=110)
     plt.close(fig)
@@ -507,15 +618,21 @@ def replot(json_path: str, tag: str = ""):
 
 
 def main(argv=None):
-  ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  ap = argparse.ArgumentParser(
+    description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+  )
   ap.add_argument("--models", nargs="+", default=["digits", "resnet20"])
   ap.add_argument("--methods", nargs="+", default=list(METHODS))
   ap.add_argument("--bits", nargs="+", type=int, default=[5, 7])
   ap.add_argument("--batch", type=int, default=64, help="ResNet-20 batch size")
   ap.add_argument("--mask-steps", type=int, default=60, help="ResNet-20 masked fine-tune steps")
   ap.add_argument("--ft-steps", type=int, default=40, help="ResNet-20 quantized fine-tune steps")
-  ap.add_argument("--eval-size", type=int, default=2000,
-                  help="ResNet-20 test images (fixed random subset); 0 = all 10,000")
+  ap.add_argument(
+    "--eval-size",
+    type=int,
+    default=2000,
+    help="ResNet-20 test images (fixed random subset); 0 = all 10,000",
+  )
   ap.add_argument("--digits-dense-steps", type=int, default=400)
   ap.add_argument("--digits-mask-steps", type=int, default=63)
   ap.add_argument("--digits-ft-steps", type=int, default=63)
@@ -526,8 +643,12 @@ def main(argv=None):
   ap.add_argument("--cifar10", default=None, help="JPEG archive (default ../shared/data/...)")
   ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
   ap.add_argument("--tag", default="", help="suffix of the output files")
-  ap.add_argument("--replot", default=None, metavar="JSON",
-                  help="only redraw the figures and markdown of a saved run's JSON")
+  ap.add_argument(
+    "--replot",
+    default=None,
+    metavar="JSON",
+    help="only redraw the figures and markdown of a saved run's JSON",
+  )
   args = ap.parse_args(argv)
   if args.replot:
     replot(args.replot, args.tag)
@@ -547,11 +668,18 @@ def main(argv=None):
   except OSError:
     pass
   device = jax.devices()[0]
-  results = {"meta": dict(
-      command="python benchmarks/compare_quantizers.py " + " ".join(sys.argv[1:] if argv is None else argv),
-      date=time.strftime("%Y-%m-%d %H:%M %Z"), machine=f"{machine}, {os.cpu_count()} cpus",
+  results = {
+    "meta": dict(
+      command="python benchmarks/compare_quantizers.py "
+      + " ".join(sys.argv[1:] if argv is None else argv),
+      date=time.strftime("%Y-%m-%d %H:%M %Z"),
+      machine=f"{machine}, {os.cpu_count()} cpus",
       platform=f"{device.platform} ({getattr(device, 'device_kind', '')})",
-      jax=jax.__version__, complete=False, settings={})}
+      jax=jax.__version__,
+      complete=False,
+      settings={},
+    )
+  }
   layer_rows: list[dict] = []
   stem = f"compare_quantizers{args.tag}"
 
@@ -570,21 +698,23 @@ def main(argv=None):
     if name == "digits":
       setup = digits_setup(args)
       results["meta"]["settings"]["digits"] = (
-          f"DigitsCNN trained from scratch ({args.digits_dense_steps} adam steps, batch 64); "
-          f"sparsities {setup.sparsities}; masked fine-tune {setup.mask_steps} adam steps; "
-          f"quantized fine-tune {setup.ft_steps} steps (~3 epochs) of adam(3e-4, cosine) per "
-          f"method; all {len(setup.test[1])} test images.")
+        f"DigitsCNN trained from scratch ({args.digits_dense_steps} adam steps, batch 64); "
+        f"sparsities {setup.sparsities}; masked fine-tune {setup.mask_steps} adam steps; "
+        f"quantized fine-tune {setup.ft_steps} steps (~3 epochs) of adam(3e-4, cosine) per "
+        f"method; all {len(setup.test[1])} test images."
+      )
       run_setup(setup, args, results, layer_rows, save)
     elif name == "resnet20":
       setup = resnet_setup(args)
       results["meta"]["settings"]["resnet20"] = (
-          f"Shipped ResNet-20 (../shared/models/resnet20-cifar10.npz); sparsities "
-          f"{setup.sparsities}; masked fine-tune {setup.mask_steps} steps of SGD(0.01, momentum "
-          f"0.9, cosine), batch {setup.batch}, crop+flip augmentation; quantized fine-tune "
-          f"{setup.ft_steps} steps of SGD(0.005, momentum 0.9, cosine), batch {setup.batch} "
-          f"(= {setup.ft_steps * setup.batch / 50000:.3f} epochs) per method; accuracy on "
-          f"{len(setup.test[1])} images of the CIFAR-10 JPEG test split"
-          f"{' (fixed random subset, seed 0)' if len(setup.test[1]) < 10000 else ''}.")
+        f"Shipped ResNet-20 (../shared/models/resnet20-cifar10.npz); sparsities "
+        f"{setup.sparsities}; masked fine-tune {setup.mask_steps} steps of SGD(0.01, momentum "
+        f"0.9, cosine), batch {setup.batch}, crop+flip augmentation; quantized fine-tune "
+        f"{setup.ft_steps} steps of SGD(0.005, momentum 0.9, cosine), batch {setup.batch} "
+        f"(= {setup.ft_steps * setup.batch / 50000:.3f} epochs) per method; accuracy on "
+        f"{len(setup.test[1])} images of the CIFAR-10 JPEG test split"
+        f"{' (fixed random subset, seed 0)' if len(setup.test[1]) < 10000 else ''}."
+      )
       starts = run_setup(setup, args, results, layer_rows, save)
       if args.w_seps and args.ablation_sparsity in starts:
         ablation(setup, starts[args.ablation_sparsity], args, results, save)

@@ -14,13 +14,19 @@ def get_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
 
   c.model = ml_collections.ConfigDict()
-  c.model.name = "digits_cnn"  # digits_cnn, cifar_resnet, resnet18, resnet50, mobilenet_v1, mobilenet_v2
-  c.model.depth = config_dict.placeholder(int)  # contract; cifar_resnet only: 6n+2 (None: 20 or init_from's)
+  c.model.name = (
+    "digits_cnn"  # digits_cnn, cifar_resnet, resnet18, resnet50, mobilenet_v1, mobilenet_v2
+  )
+  c.model.depth = config_dict.placeholder(
+    int
+  )  # contract; cifar_resnet only: 6n+2 (None: 20 or init_from's)
   c.model.dtype = "float32"  # computation dtype; parameters stay float32
 
   c.dataset = ml_collections.ConfigDict()
   c.dataset.name = "digits"  # digits, cifar10, imagenet2012
-  c.dataset.data_dir = ""  # cifar10: folder of cifar10-jpeg.tar.gz; imagenet: tfds data_dir ("" = default)
+  c.dataset.data_dir = (
+    ""  # cifar10: folder of cifar10-jpeg.tar.gz; imagenet: tfds data_dir ("" = default)
+  )
   c.dataset.augment = False  # cifar10: random crop + flip
   c.dataset.image_size = 224  # imagenet only
   c.dataset.resize_size = 256  # imagenet only: eval resize of the shorter side
@@ -49,7 +55,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.prune_epochs = 10.0  # contract: fine-tuning epochs of the prune stage
   c.prune = ml_collections.ConfigDict()
   c.prune.method = "dns"  # contract: dns | magnitude | none
-  c.prune.sparsity = 0.9  # contract: per-layer target in [0, 1) (quant.rules may override per layer)
+  c.prune.sparsity = (
+    0.9  # contract: per-layer target in [0, 1) (quant.rules may override per layer)
+  )
   c.prune.update_every = 1  # dns: updates between mask updates
   c.prune.learning_rate = config_dict.placeholder(float)  # None: learning_rate
   c.prune.lr_schedule = "cosine"

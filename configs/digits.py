@@ -27,9 +27,9 @@ def get_config():
   c.quant.learning_rate = 0.005
   c.quant.bits = 5
   c.quant.rules = (
-      "conv1/kernel$:sparsity=0.5",  # 288 weights
-      "head/kernel$:sparsity=0.7",  # 480 weights
-      "fc1/kernel$:sparsity=0.975",  # 49k weights, 71% of the model
+    "conv1/kernel$:sparsity=0.5",  # 288 weights
+    "head/kernel$:sparsity=0.7",  # 480 weights
+    "fc1/kernel$:sparsity=0.975",  # 49k weights, 71% of the model
   )
   c.checkpoint_every_steps = 100
   return c

@@ -1,4 +1,5 @@
 """`python -m fq_jax`: the `fq-jax` command line."""
+
 import sys
 
 from fq_jax.cli import main

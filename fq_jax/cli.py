@@ -22,7 +22,7 @@ import dataclasses
 import json
 import os
 import sys
-from typing import Callable
+from collections.abc import Callable
 
 PROG = "fq-jax"
 
@@ -123,8 +123,10 @@ def parse_rule(text: str):
         elif key in ("prune", "quantize", "recentralize"):
           kwargs[key] = _bool(value, where)
         else:
-          raise CLIError(f"{where}: unknown key {key!r} (bits, sparsity, w_sep, prune, "
-                         f"quantize, recentralize, min_ndim)")
+          raise CLIError(
+            f"{where}: unknown key {key!r} (bits, sparsity, w_sep, prune, "
+            f"quantize, recentralize, min_ndim)"
+          )
       except ValueError:
         raise CLIError(f"{where}: bad value {value!r} for {key}") from None
   try:
@@ -170,7 +172,7 @@ def magnitude_mask(w, sparsity: float):
   a = np.abs(np.asarray(w, np.float32).reshape(-1))
   a[np.isnan(a)] = np.inf
   mask = np.ones(a.size, bool)
-  mask[np.argsort(a, kind="stable")[:round(sparsity * a.size)]] = False
+  mask[np.argsort(a, kind="stable")[: round(sparsity * a.size)]] = False
   return mask.reshape(np.shape(w))
 
 
@@ -203,31 +205,45 @@ def focus_layer(w, mask, key, *, bits: int, w_sep: float, recentralize: bool):
   flat = np.asarray(w, np.float32).reshape(-1)
   size = _bucket(flat.size)
   wp = np.zeros(size, np.float32)
-  wp[:flat.size] = flat
+  wp[: flat.size] = flat
   mp = np.zeros(size, bool)
-  mp[:flat.size] = np.asarray(mask, bool).reshape(-1)
+  mp[: flat.size] = np.asarray(mask, bool).reshape(-1)
   state = _FOCUS_JIT(wp, mp, key, bits=bits, w_sep=w_sep, recentralize=recentralize)
   shape = np.shape(w)
-  cut = lambda x: np.asarray(x)[:flat.size].reshape(shape)
-  return jax.tree.map(np.asarray, state._replace(assignment=cut(state.assignment),
-                                                mask=cut(state.mask)))
+  cut = lambda x: np.asarray(x)[: flat.size].reshape(shape)
+  return jax.tree.map(
+    np.asarray, state._replace(assignment=cut(state.assignment), mask=cut(state.mask))
+  )
 
 
 def _add_compress(p: argparse.ArgumentParser):
   p.add_argument("weights", metavar="WEIGHTS.npz", help="an .npz of named arrays")
   p.add_argument("--out", required=True, metavar="MODEL.fqz", help="output file")
-  p.add_argument("--sparsity", type=_sparsity, default=0.0,
-                 help="fraction of each compressed array pruned by magnitude (default 0)")
+  p.add_argument(
+    "--sparsity",
+    type=_sparsity,
+    default=0.0,
+    help="fraction of each compressed array pruned by magnitude (default 0)",
+  )
   p.add_argument("--bits", type=_bits, default=5, help="focused-quantization bit-width (default 5)")
-  p.add_argument("--w-sep", type=float, default=2.0, dest="w_sep",
-                 help="Wasserstein separation threshold for recentralization (default 2.0)")
-  p.add_argument("--coder", choices=("ans", "huffman"), default="ans",
-                 help="entropy coder (default ans)")
-  p.add_argument("--rules", nargs="+", action="extend", default=[], metavar="RULE",
-                 help=RULES_HELP)
+  p.add_argument(
+    "--w-sep",
+    type=float,
+    default=2.0,
+    dest="w_sep",
+    help="Wasserstein separation threshold for recentralization (default 2.0)",
+  )
+  p.add_argument(
+    "--coder", choices=("ans", "huffman"), default="ans", help="entropy coder (default ans)"
+  )
+  p.add_argument("--rules", nargs="+", action="extend", default=[], metavar="RULE", help=RULES_HELP)
   p.add_argument("--seed", type=int, default=0, help="seed for the component sampling")
-  p.add_argument("--float-dtype", choices=("float16", "bfloat16"), default=None,
-                 help="store uncompressed float arrays in this dtype (lossy; default lossless)")
+  p.add_argument(
+    "--float-dtype",
+    choices=("float16", "bfloat16"),
+    default=None,
+    help="store uncompressed float arrays in this dtype (lossy; default lossless)",
+  )
 
 
 def _run_compress(args) -> int:
@@ -255,26 +271,46 @@ def _run_compress(args) -> int:
       continue
     mask = magnitude_mask(w, spec.sparsity) if spec.prune else np.ones(w.shape, bool)
     if spec.quantize:
-      focus[path] = focus_layer(w, mask, jax.random.fold_in(root, i), bits=spec.bits,
-                                w_sep=spec.w_sep, recentralize=spec.recentralize)
+      focus[path] = focus_layer(
+        w,
+        mask,
+        jax.random.fold_in(root, i),
+        bits=spec.bits,
+        w_sep=spec.w_sep,
+        recentralize=spec.recentralize,
+      )
     else:
       masks[path] = mask
-  metadata = dict(tool="fq-jax compress", source=os.path.basename(args.weights),
-                  sparsity=args.sparsity, bits=args.bits, w_sep=args.w_sep,
-                  rules=list(args.rules), seed=args.seed)
-  data = fq.encode_model(arrays, focus=focus, masks=masks, coder=args.coder,
-                         metadata=metadata, float_dtype=args.float_dtype)
+  metadata = dict(
+    tool="fq-jax compress",
+    source=os.path.basename(args.weights),
+    sparsity=args.sparsity,
+    bits=args.bits,
+    w_sep=args.w_sep,
+    rules=list(args.rules),
+    seed=args.seed,
+  )
+  data = fq.encode_model(
+    arrays,
+    focus=focus,
+    masks=masks,
+    coder=args.coder,
+    metadata=metadata,
+    float_dtype=args.float_dtype,
+  )
   with open(args.out, "wb") as fh:
     fh.write(data)
   s = fq.artifact_summary(data)
   kept = sum(r["kept"] for r in s["layers"] if r["kind"] != "raw")
   pruned = 1 - kept / s["kernel_values"] if s["kernel_values"] else 0.0
   paper = s["paper_style_compression_ratio"]
-  print(f"{args.out}: {s['file_bytes']:,} bytes ({args.coder}) from {args.weights} "
-        f"({os.path.getsize(args.weights):,} bytes, {s['num_values']:,} values = "
-        f"{s['float32_bytes']:,} bytes as float32): compression ratio "
-        f"{s['compression_ratio']:.2f}x, paper-style {paper or 0:.2f}x over "
-        f"{len(focus) + len(masks)} compressed arrays ({pruned:.1%} pruned)")
+  print(
+    f"{args.out}: {s['file_bytes']:,} bytes ({args.coder}) from {args.weights} "
+    f"({os.path.getsize(args.weights):,} bytes, {s['num_values']:,} values = "
+    f"{s['float32_bytes']:,} bytes as float32): compression ratio "
+    f"{s['compression_ratio']:.2f}x, paper-style {paper or 0:.2f}x over "
+    f"{len(focus) + len(masks)} compressed arrays ({pruned:.1%} pruned)"
+  )
   return 0
 
 
@@ -300,41 +336,63 @@ def _fmt(v, spec: str = "") -> str:
 
 def format_table(summary: dict) -> str:
   """The per-array table and totals printed by `fq-jax inspect`."""
-  cols = ["path", "shape", "kept", "sparsity", "kind", "bits", "mu", "sigma", "bias", "alpha",
-          "bytes", "bits/kept", "bound"]
+  cols = [
+    "path",
+    "shape",
+    "kept",
+    "sparsity",
+    "kind",
+    "bits",
+    "mu",
+    "sigma",
+    "bias",
+    "alpha",
+    "bytes",
+    "bits/kept",
+    "bound",
+  ]
   rows = []
   for r in summary["layers"]:
     coded = r["kind"] != "raw"
     focused = r["kind"] in ("recentralized", "shift")
-    rows.append([
-        r["path"], "x".join(map(str, r["shape"])) or "()",
-        str(r["kept"]) if coded else "", f"{r['sparsity']:.3f}" if coded else "",
+    rows.append(
+      [
+        r["path"],
+        "x".join(map(str, r["shape"])) or "()",
+        str(r["kept"]) if coded else "",
+        f"{r['sparsity']:.3f}" if coded else "",
         r["kind"] if r["kind"] != "raw" else f"raw:{r['stored']}",
         str(r["bits"]) if focused else "",
         "{:g},{:g}".format(*r["mu"]) if focused and r["recentralized"] else "",
         f"{r['sigma']:.4g}" if focused and r["recentralized"] else "",
-        str(r["bias"]) if focused else "", f"{r['alpha']:.4g}" if focused else "",
-        str(r["section_bytes"]), f"{r['bits_per_kept']:.3f}" if coded else "",
-        f"{r['entropy_bound_bytes']:.0f}" if coded else ""])
-  widths = [max(len(c), *(len(row[i]) for row in rows)) if rows else len(c)
-            for i, c in enumerate(cols)]
+        str(r["bias"]) if focused else "",
+        f"{r['alpha']:.4g}" if focused else "",
+        str(r["section_bytes"]),
+        f"{r['bits_per_kept']:.3f}" if coded else "",
+        f"{r['entropy_bound_bytes']:.0f}" if coded else "",
+      ]
+    )
+  widths = [
+    max(len(c), *(len(row[i]) for row in rows)) if rows else len(c) for i, c in enumerate(cols)
+  ]
   line = lambda cells: "  ".join(
-      c.ljust(w) if i in (0, 1, 4) else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+    c.ljust(w) if i in (0, 1, 4) else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths))
+  )
   out = [line(cols), line(["-" * w for w in widths])] + [line(r) for r in rows]
   s = summary
   overhead = s["coder_overhead"]
   out += [
-      "",
-      f"file: {s['file_bytes']:,} bytes (header {s['header_bytes']:,}), coder {s['coder']}, "
-      f"format {'.'.join(map(str, s['version']))}",
-      f"values: {s['num_values']:,} ({s['float32_bytes']:,} bytes as float32)",
-      f"compression ratio: {s['compression_ratio']:.3f}x (4 bytes x every value / file size)",
-      f"paper-style ratio: {_fmt(s['paper_style_compression_ratio'], '.3f')}x over "
-      f"{s['kernel_values']:,} compressed values in {s['kernel_section_bytes']:,} bytes",
-      f"entropy bound: {s['entropy_bound_bytes']:,.0f} bytes for the coded streams, "
-      f"coded in {s['coded_bytes']:,.0f} bytes (overhead "
-      f"{'n/a' if overhead is None else f'{100 * overhead:.2f}%'}); "
-      f"file bound {s['file_entropy_bound_bytes']:,.0f} bytes",
+    "",
+    f"file: {s['file_bytes']:,} bytes (header {s['header_bytes']:,}), coder {s['coder']}, "
+    f"format {'.'.join(map(str, s['version']))}",
+    f"values: {s['num_values']:,} ({s['float32_bytes']:,} bytes as float32)",
+    f"compression ratio: {s['compression_ratio']:.3f}x (4 bytes x every value / file size)",
+    f"paper-style ratio: {_fmt(s['paper_style_compression_ratio'], '.3f')}x over "
+    f"{s['kernel_values']:,} compressed values in {s['kernel_section_bytes']:,} bytes",
+    f"entropy bound: {s['entropy_bound_bytes']:,.0f} bytes for the coded streams, "
+    f"coded in {s['coded_bytes']:,.0f} bytes (overhead "
+    f"{'n/a' if overhead is None else f'{100 * overhead:.2f}%'}); "
+    f"file bound {s['file_entropy_bound_bytes']:,.0f} bytes",
   ]
   return "\n".join(out)
 
@@ -357,9 +415,12 @@ def _run_inspect(args) -> int:
 
 def _add_decompress(p: argparse.ArgumentParser):
   p.add_argument("model", metavar="MODEL.fqz")
-  p.add_argument("--out", required=True, metavar="PARAMS.npz",
-                 help="output .npz (keys are the array paths; bfloat16 arrays are written "
-                      "as float32, exactly)")
+  p.add_argument(
+    "--out",
+    required=True,
+    metavar="PARAMS.npz",
+    help="output .npz (keys are the array paths; bfloat16 arrays are written as float32, exactly)",
+  )
 
 
 def _run_decompress(args) -> int:
@@ -367,8 +428,10 @@ def _run_decompress(args) -> int:
   import numpy as np
 
   decoded = _load_fqz(args.model)
-  arrays = {k: (v.astype(np.float32) if v.dtype == ml_dtypes.bfloat16 else v)
-            for k, v in decoded.arrays.items()}
+  arrays = {
+    k: (v.astype(np.float32) if v.dtype == ml_dtypes.bfloat16 else v)
+    for k, v in decoded.arrays.items()
+  }
   with open(args.out, "wb") as fh:
     np.savez(fh, **arrays)
   print(f"{args.out}: {len(arrays)} arrays, {sum(a.size for a in arrays.values()):,} values")
@@ -376,27 +439,43 @@ def _run_decompress(args) -> int:
 
 
 COMMANDS: list[Command] = [
-    Command("compress", "compress an .npz of weights into an .fqz artifact (post-training)",
-            _add_compress, _run_compress),
-    Command("inspect", "print the per-layer table and the compression ratio of an .fqz file",
-            _add_inspect, _run_inspect),
-    Command("decompress", "rebuild the arrays of an .fqz file into an .npz",
-            _add_decompress, _run_decompress),
+  Command(
+    "compress",
+    "compress an .npz of weights into an .fqz artifact (post-training)",
+    _add_compress,
+    _run_compress,
+  ),
+  Command(
+    "inspect",
+    "print the per-layer table and the compression ratio of an .fqz file",
+    _add_inspect,
+    _run_inspect,
+  ),
+  Command(
+    "decompress",
+    "rebuild the arrays of an .fqz file into an .npz",
+    _add_decompress,
+    _run_decompress,
+  ),
 ]
 
 # evaluate: test accuracy on the integer (multiplication-free) or float path (fq_jax/_src/integer_cli.py).
 from fq_jax._src import integer_cli as _integer_cli  # noqa: E402  (no jax import at load time)
 
-COMMANDS.append(Command("evaluate", _integer_cli.HELP, _integer_cli.add_arguments, _integer_cli.run))
+COMMANDS.append(
+  Command("evaluate", _integer_cli.HELP, _integer_cli.add_arguments, _integer_cli.run)
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
   parser = _Parser(prog=PROG, description="Focused Quantization artifacts (.fqz).")
-  sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND",
-                              parser_class=_Parser)
+  sub = parser.add_subparsers(
+    dest="command", required=True, metavar="COMMAND", parser_class=_Parser
+  )
   for c in COMMANDS:
-    p = sub.add_parser(c.name, help=c.help, description=c.help,
-                       formatter_class=argparse.RawTextHelpFormatter)
+    p = sub.add_parser(
+      c.name, help=c.help, description=c.help, formatter_class=argparse.RawTextHelpFormatter
+    )
     c.add_arguments(p)
     p.set_defaults(_run=c.run)
   return parser

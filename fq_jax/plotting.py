@@ -8,7 +8,8 @@
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import jax.numpy as jnp
 import numpy as np
@@ -63,7 +64,9 @@ def plot_layer(w, state: quantizers.FocusState, *, title: str = "", ax=None, bin
     if lo <= level <= hi:
       ax.axvline(level, color="tab:green", lw=0.6, alpha=0.7)
   kind = "recentralized" if bool(state.recentralized) else "shift"
-  ax.set_title(f"{title} [{kind}, W={float(state.separation):.2f}, {int(state.bits)} bits]", fontsize=9)
+  ax.set_title(
+    f"{title} [{kind}, W={float(state.separation):.2f}, {int(state.bits)} bits]", fontsize=9
+  )
   ax.legend(fontsize=6, loc="upper right")
   return ax
 
@@ -94,8 +97,9 @@ def plot_separation(rows: Sequence[Mapping[str, Any]], *, w_sep: float = 2.0, ax
   return ax
 
 
-def plot_accuracy_vs_ratio(results: Mapping[str, Sequence[tuple[float, float]]], *,
-                           ax=None, title: str = ""):
+def plot_accuracy_vs_ratio(
+  results: Mapping[str, Sequence[tuple[float, float]]], *, ax=None, title: str = ""
+):
   """Accuracy against compression ratio, one line per method.
 
   Args:

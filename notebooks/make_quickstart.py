@@ -2,6 +2,7 @@
 
 Run: python notebooks/make_quickstart.py
 """
+
 import pathlib
 
 import nbformat as nbf
@@ -170,8 +171,10 @@ for layer in summary["layers"]:
               f"{layer.get('bits_per_kept', float('nan')):>9.3f}")
 """)
 
-nb = nbf.v4.new_notebook(cells=cells, metadata={
-    "kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"}})
+nb = nbf.v4.new_notebook(
+  cells=cells,
+  metadata={"kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"}},
+)
 path = pathlib.Path(__file__).with_name("quickstart.ipynb")
 nbf.write(nb, path)
 print("wrote", path)

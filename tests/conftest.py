@@ -1,4 +1,5 @@
 """Shared test setup: hypothesis profile and the ../shared locator."""
+
 import os
 import pathlib
 
@@ -6,8 +7,13 @@ import hypothesis
 import pytest
 
 # JAX compiles per shape: keep examples moderate and without deadlines.
-hypothesis.settings.register_profile("fq", deadline=None, max_examples=40, derandomize=True,
-                                     suppress_health_check=[hypothesis.HealthCheck.too_slow])
+hypothesis.settings.register_profile(
+  "fq",
+  deadline=None,
+  max_examples=40,
+  derandomize=True,
+  suppress_health_check=[hypothesis.HealthCheck.too_slow],
+)
 hypothesis.settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "fq"))
 
 REPO = pathlib.Path(__file__).resolve().parents[1]

@@ -41,12 +41,17 @@ def _state(shape, rng, *, bits, recentralized, sparsity):
   mask = rng.random(shape) >= sparsity
   assignment = (rng.random(shape) < 0.5) & mask & recentralized
   return fq.FocusState(
-      recentralized=jnp.bool_(recentralized), bits=jnp.int32(bits),
-      means=jnp.array([-0.125, 0.0625], jnp.float32), sigma=jnp.float32(0.03),
-      bias=jnp.int32(3), assignment=jnp.asarray(assignment), mask=jnp.asarray(mask),
-      alpha=jnp.float32(1.25),
-      gmm=fq.GMM(jnp.array([0.4, 0.6]), jnp.array([-0.1, 0.07]), jnp.array([0.03, 0.02])),
-      separation=jnp.float32(3.5 if size else 0.0))
+    recentralized=jnp.bool_(recentralized),
+    bits=jnp.int32(bits),
+    means=jnp.array([-0.125, 0.0625], jnp.float32),
+    sigma=jnp.float32(0.03),
+    bias=jnp.int32(3),
+    assignment=jnp.asarray(assignment),
+    mask=jnp.asarray(mask),
+    alpha=jnp.float32(1.25),
+    gmm=fq.GMM(jnp.array([0.4, 0.6]), jnp.array([-0.1, 0.07]), jnp.array([0.03, 0.02])),
+    separation=jnp.float32(3.5 if size else 0.0),
+  )
 
 
 def sample_files() -> list[bytes]:
@@ -58,13 +63,17 @@ def sample_files() -> list[bytes]:
   v = (rng.normal(size=(10, 16)) * 0.1).astype(ml_dtypes.bfloat16)
   d = (rng.normal(size=(6, 7)) * 0.1).astype(np.float32)
   arrays = {
-      "conv/kernel": w, "dense/kernel": v, "pruned/kernel": d,
-      "bn/mean": rng.normal(size=8).astype(np.float32), "count": np.int64(12345),
-      "empty": np.zeros((0, 3), np.float32), "flag": np.array([True, False]),
+    "conv/kernel": w,
+    "dense/kernel": v,
+    "pruned/kernel": d,
+    "bn/mean": rng.normal(size=8).astype(np.float32),
+    "count": np.int64(12345),
+    "empty": np.zeros((0, 3), np.float32),
+    "flag": np.array([True, False]),
   }
   focus = {
-      "conv/kernel": _state(w.shape, rng, bits=5, recentralized=True, sparsity=0.6),
-      "dense/kernel": _state(v.shape, rng, bits=4, recentralized=False, sparsity=0.2),
+    "conv/kernel": _state(w.shape, rng, bits=5, recentralized=True, sparsity=0.6),
+    "dense/kernel": _state(v.shape, rng, bits=4, recentralized=False, sparsity=0.2),
   }
   masks = {"pruned/kernel": rng.random(d.shape) > 0.5}
   # Format 1.1: a codebook layer (last, so the indices of the entries above stay put).
@@ -72,14 +81,26 @@ def sample_files() -> list[bytes]:
   arrays["codebook/kernel"] = c
   cmask = rng.random(c.shape) > 0.3
   book = np.sort(rng.normal(size=8) * 0.1).astype(np.float32)
-  codebooks = {"codebook/kernel": fq.CodebookState(
-      codebook=book, symbols=np.where(cmask, rng.integers(0, 8, c.shape), 0).astype(np.int32),
-      mask=cmask)}
+  codebooks = {
+    "codebook/kernel": fq.CodebookState(
+      codebook=book,
+      symbols=np.where(cmask, rng.integers(0, 8, c.shape), 0).astype(np.int32),
+      mask=cmask,
+    )
+  }
   files = []
   for coder in ("ans", "huffman"):
-    files.append(fq.encode_model(arrays, focus=focus, masks=masks, codebooks=codebooks,
-                                 coder=coder, metadata={"model": "fuzz", "n": 1},
-                                 huffman_lane=16))
+    files.append(
+      fq.encode_model(
+        arrays,
+        focus=focus,
+        masks=masks,
+        codebooks=codebooks,
+        coder=coder,
+        metadata={"model": "fuzz", "n": 1},
+        huffman_lane=16,
+      )
+    )
   return files
 
 
@@ -103,8 +124,37 @@ def _split(data: bytes):
   return header, [data[a:b] for a, b in spans]
 
 
-_WILD = [0, 1, -1, 2, 3, 7, 8, 255, 65536, 2**31, 2**32 - 1, 2**40, 10**12, 2**63, 2**64,
-         -2**63, 1.5, -0.0, 1e300, "x", "", "NaN", None, True, False, [], {}, [1, 2], [10**12]]
+_WILD = [
+  0,
+  1,
+  -1,
+  2,
+  3,
+  7,
+  8,
+  255,
+  65536,
+  2**31,
+  2**32 - 1,
+  2**40,
+  10**12,
+  2**63,
+  2**64,
+  -(2**63),
+  1.5,
+  -0.0,
+  1e300,
+  "x",
+  "",
+  "NaN",
+  None,
+  True,
+  False,
+  [],
+  {},
+  [1, 2],
+  [10**12],
+]
 
 
 def _json_leaves(obj, path=()):
@@ -151,28 +201,28 @@ def mutate(data: bytes, rng: np.random.Generator) -> bytes:
       b[i] ^= 1 << rng.integers(8)
     return bytes(b)
   if kind == 1:  # truncation
-    return bytes(b[:rng.integers(n)])
+    return bytes(b[: rng.integers(n)])
   if kind == 2:  # insertion
     i = rng.integers(n + 1)
     return bytes(b[:i] + rng.bytes(int(rng.integers(1, 16))) + b[i:])
   if kind == 3:  # deletion
     i = rng.integers(n)
-    return bytes(b[:i] + b[i + rng.integers(1, 16):])
+    return bytes(b[:i] + b[i + rng.integers(1, 16) :])
   if kind == 4:  # overwrite with random / 0x00 / 0xff
     i = rng.integers(n)
     k = int(rng.integers(1, 9))
     fill = rng.choice([b"\x00" * k, b"\xff" * k, rng.bytes(k)])
-    b[i:i + k] = fill
+    b[i : i + k] = fill
     return bytes(b[:n])
   if kind == 5:  # preamble field edit (version, lengths), CRC left alone or fixed
     off = int(rng.choice([8, 10, 12, 16]))
     size = 2 if off < 12 else 4
     val = int(rng.choice([0, 1, 2, 0xFFFF, 0xFFFFFFFF, 10**6, n]))
     val &= (1 << (8 * size)) - 1
-    b[off:off + size] = val.to_bytes(size, "little")
+    b[off : off + size] = val.to_bytes(size, "little")
     if rng.random() < 0.5:
       h = struct.unpack_from("<I", b, 12)[0]
-      crc = zlib.crc32(bytes(b[24:24 + h]), zlib.crc32(bytes(b[0:20])))
+      crc = zlib.crc32(bytes(b[24 : 24 + h]), zlib.crc32(bytes(b[0:20])))
       b[20:24] = struct.pack("<I", crc)
     return bytes(b)
   header, sections = _split(data)
@@ -190,7 +240,7 @@ def mutate(data: bytes, rng: np.random.Generator) -> bytes:
         j = rng.integers(len(s))
         s[j] ^= 1 << rng.integers(8)
     elif op == 1:
-      s = s[:rng.integers(len(s))]
+      s = s[: rng.integers(len(s))]
     elif op == 2:
       j = rng.integers(len(s) + 1)
       s[j:j] = rng.bytes(int(rng.integers(1, 8)))
@@ -239,8 +289,9 @@ def run(iterations: int, seed: int, files: list[bytes] | None = None) -> collect
     try:
       counts[check_one(data)] += 1
     except AssertionError as e:
-      raise AssertionError(f"iteration {it} (seed {seed}): {e}; mutated file "
-                           f"{data[:64].hex()}... ({len(data)} bytes)") from e
+      raise AssertionError(
+        f"iteration {it} (seed {seed}): {e}; mutated file {data[:64].hex()}... ({len(data)} bytes)"
+      ) from e
   return counts
 
 

@@ -20,13 +20,13 @@ def torch_style_weights():
   """A small PyTorch-style state dict: OIHW convs, (out, in) linear, BN buffers."""
   rng = np.random.default_rng(0)
   return {
-      "conv1.weight": (rng.normal(size=(16, 3, 3, 3)) * 0.2).astype(np.float32),
-      "bn1.weight": rng.uniform(0.5, 1.5, 16).astype(np.float32),
-      "bn1.running_var": rng.uniform(0.5, 1.5, 16).astype(np.float32),
-      "bn1.num_batches_tracked": np.array(1234, np.int64),
-      "layer1.0.conv1.weight": (rng.normal(size=(16, 16, 3, 3)) * 0.1).astype(np.float32),
-      "fc.weight": (rng.normal(size=(10, 16)) * 0.3).astype(np.float32),
-      "fc.bias": rng.normal(size=10).astype(np.float32),
+    "conv1.weight": (rng.normal(size=(16, 3, 3, 3)) * 0.2).astype(np.float32),
+    "bn1.weight": rng.uniform(0.5, 1.5, 16).astype(np.float32),
+    "bn1.running_var": rng.uniform(0.5, 1.5, 16).astype(np.float32),
+    "bn1.num_batches_tracked": np.array(1234, np.int64),
+    "layer1.0.conv1.weight": (rng.normal(size=(16, 16, 3, 3)) * 0.1).astype(np.float32),
+    "fc.weight": (rng.normal(size=(10, 16)) * 0.3).astype(np.float32),
+    "fc.bias": rng.normal(size=10).astype(np.float32),
   }
 
 
@@ -45,9 +45,22 @@ def weights(tmp_path_factory):
 
 def test_compress_inspect_decompress(weights, tmp_path, capsys):
   out = tmp_path / "model.fqz"
-  rc, stdout, err = run(["compress", weights, "--out", out, "--sparsity", "0.5", "--bits", "5",
-                         "--rules", r"fc\.weight=sparsity:0", r"^conv1\.weight=quantize:false"],
-                        capsys)
+  rc, stdout, err = run(
+    [
+      "compress",
+      weights,
+      "--out",
+      out,
+      "--sparsity",
+      "0.5",
+      "--bits",
+      "5",
+      "--rules",
+      r"fc\.weight=sparsity:0",
+      r"^conv1\.weight=quantize:false",
+    ],
+    capsys,
+  )
   assert rc == 0, err
   assert "compression ratio" in stdout and str(out) in stdout and len(stdout.splitlines()) == 1
   size = os.path.getsize(out)
@@ -82,14 +95,28 @@ def test_compress_inspect_decompress(weights, tmp_path, capsys):
     np.testing.assert_array_equal(back[k], decoded.arrays[k])
   for k in ("bn1.weight", "bn1.running_var", "bn1.num_batches_tracked", "fc.bias"):
     np.testing.assert_array_equal(back[k], original[k])
-  assert np.count_nonzero(back["layer1.0.conv1.weight"]) <= original[
-      "layer1.0.conv1.weight"].size // 2
+  assert (
+    np.count_nonzero(back["layer1.0.conv1.weight"]) <= original["layer1.0.conv1.weight"].size // 2
+  )
 
 
 def test_huffman_and_dense_rules(weights, tmp_path, capsys):
   out = tmp_path / "h.fqz"
-  rc, _, err = run(["compress", weights, "--out", out, "--coder", "huffman", "--sparsity", "0.5",
-                    "--rules", r"fc\.=dense"], capsys)
+  rc, _, err = run(
+    [
+      "compress",
+      weights,
+      "--out",
+      out,
+      "--coder",
+      "huffman",
+      "--sparsity",
+      "0.5",
+      "--rules",
+      r"fc\.=dense",
+    ],
+    capsys,
+  )
   assert rc == 0, err
   d = fq.load_fqz(out)
   assert d.coder == "huffman" and "fc.weight" not in d.masks
@@ -97,7 +124,9 @@ def test_huffman_and_dense_rules(weights, tmp_path, capsys):
   assert set(d.focus) == {"conv1.weight", "layer1.0.conv1.weight"}
 
 
-@pytest.mark.parametrize("argv, message", [
+@pytest.mark.parametrize(
+  "argv, message",
+  [
     (["inspect", "missing.fqz"], "missing.fqz: no such file"),
     (["decompress", "missing.fqz", "--out", "x.npz"], "no such file"),
     (["compress", "missing.npz", "--out", "x.fqz"], "missing.npz: no such file"),
@@ -112,7 +141,8 @@ def test_huffman_and_dense_rules(weights, tmp_path, capsys):
     (["compress", "{weights}", "--out", "x.fqz", "--rules", "a=color:red"], "unknown key"),
     (["compress", "{weights}", "--out", "x.fqz", "--rules", "(=bits:4"], "not a regex"),
     (["compress", "{weights}", "--out", "x.fqz", "--rules", "a=prune:maybe"], "boolean"),
-])
+  ],
+)
 def test_errors_are_one_line(argv, message, weights, tmp_path, capsys):
   rng = np.random.default_rng(0)
   (tmp_path / "t.txt").write_text("hello, not an archive\n" * 3)
@@ -121,8 +151,14 @@ def test_errors_are_one_line(argv, message, weights, tmp_path, capsys):
   np.save(tmp_path / "a.npy", rng.normal(size=3))
   good = fq.encode_model({"w": np.arange(10.0)})
   (tmp_path / "c.fqz").write_bytes(good[:-2] + bytes([good[-2] ^ 1]) + good[-1:])
-  names = dict(text=tmp_path / "t.txt", objects=tmp_path / "o.npz", strings=tmp_path / "s.npz",
-               npy=tmp_path / "a.npy", corrupt=tmp_path / "c.fqz", weights=weights)
+  names = dict(
+    text=tmp_path / "t.txt",
+    objects=tmp_path / "o.npz",
+    strings=tmp_path / "s.npz",
+    npy=tmp_path / "a.npy",
+    corrupt=tmp_path / "c.fqz",
+    weights=weights,
+  )
   argv = [a.format(**names) for a in argv]
   cwd = os.getcwd()
   os.chdir(tmp_path)
@@ -135,14 +171,17 @@ def test_errors_are_one_line(argv, message, weights, tmp_path, capsys):
   assert err.startswith("fq-jax: error: ") and message in err and "Traceback" not in err
 
 
-@pytest.mark.parametrize("argv, message", [
+@pytest.mark.parametrize(
+  "argv, message",
+  [
     (["compress", "w.npz", "--out", "x.fqz", "--bits", "9"], "bits must be in [2, 8]"),
     (["compress", "w.npz", "--out", "x.fqz", "--sparsity", "1.5"], "sparsity must be in [0, 1)"),
     (["compress", "w.npz", "--out", "x.fqz", "--coder", "zip"], "invalid choice"),
     (["compress", "w.npz"], "--out"),
     (["frobnicate"], "invalid choice"),
     ([], "required"),
-])
+  ],
+)
 def test_bad_flags_are_one_line_usage_errors(argv, message, capsys):
   with pytest.raises(SystemExit) as exit_info:
     cli.main(argv)
@@ -152,8 +191,13 @@ def test_bad_flags_are_one_line_usage_errors(argv, message, capsys):
 
 
 def test_python_dash_m_reports_one_line(tmp_path):
-  proc = subprocess.run([sys.executable, "-m", "fq_jax", "inspect", str(tmp_path / "no.fqz")],
-                        capture_output=True, text=True, cwd=REPO, timeout=120)
+  proc = subprocess.run(
+    [sys.executable, "-m", "fq_jax", "inspect", str(tmp_path / "no.fqz")],
+    capture_output=True,
+    text=True,
+    cwd=REPO,
+    timeout=120,
+  )
   assert proc.returncode == 1
   assert proc.stderr.strip().splitlines() == [f"fq-jax: error: {tmp_path / 'no.fqz'}: no such file"]
 
@@ -178,8 +222,9 @@ def test_real_resnet20(tmp_path, capsys):
   if not RESNET20.is_file():
     pytest.skip(f"needs ../shared/models/resnet20-cifar10.npz (not found at {RESNET20})")
   out = tmp_path / "r20.fqz"
-  rc, stdout, err = run(["compress", RESNET20, "--out", out, "--sparsity", "0.7", "--bits", "5"],
-                        capsys)
+  rc, stdout, err = run(
+    ["compress", RESNET20, "--out", out, "--sparsity", "0.7", "--bits", "5"], capsys
+  )
   assert rc == 0, err
   rc, stdout, err = run(["inspect", out, "--json"], capsys)
   assert rc == 0, err

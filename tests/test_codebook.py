@@ -5,6 +5,7 @@ import json
 import struct
 import zlib
 
+import fuzz_fqz
 import jax
 import jax.numpy as jnp
 import ml_dtypes
@@ -15,8 +16,6 @@ from sklearn.cluster import KMeans
 
 import fq_jax as fq
 from fq_jax._src.codec import container
-
-import fuzz_fqz
 
 
 def sparse_layer(shape, sparsity, seed, scale=0.05):
@@ -38,18 +37,23 @@ def test_kmeans_matches_sklearn(bits, seed):
   w, mask = sparse_layer((40, 30), 0.6, seed)
   state = fq.kmeans_codebook(w, mask, bits=bits, iters=300)
   kept = w[mask].astype(np.float64)
-  k = 2 ** bits
+  k = 2**bits
   init = np.linspace(kept.min(), kept.max(), k)
-  ref = KMeans(n_clusters=k, init=init.reshape(-1, 1), n_init=1, max_iter=300, tol=0.0,
-               algorithm="lloyd").fit(kept.reshape(-1, 1))
+  ref = KMeans(
+    n_clusters=k, init=init.reshape(-1, 1), n_init=1, max_iter=300, tol=0.0, algorithm="lloyd"
+  ).fit(kept.reshape(-1, 1))
   book = np.asarray(state.codebook, np.float64)
   sym = np.asarray(state.symbols)[mask]
   inertia = float(np.sum((kept - book[sym]) ** 2))
   # Same init, same algorithm: the same local optimum, up to float32 arithmetic.
   assert inertia <= ref.inertia_ * (1 + 1e-4) + 1e-9
   used = np.unique(sym)
-  np.testing.assert_allclose(np.sort(book[used]), np.sort(ref.cluster_centers_.ravel()[
-      np.unique(ref.labels_)]), rtol=1e-4, atol=1e-6)
+  np.testing.assert_allclose(
+    np.sort(book[used]),
+    np.sort(ref.cluster_centers_.ravel()[np.unique(ref.labels_)]),
+    rtol=1e-4,
+    atol=1e-6,
+  )
   # Sorted codebook; symbols are nearest codewords; pruned symbols 0.
   assert np.all(np.diff(book) >= 0)
   assert np.all(np.asarray(state.symbols)[~mask] == 0)
@@ -79,7 +83,9 @@ def uniform_oracle(w, mask, bits, fraction=1.0):
   top = 2 ** (bits - 1) - 1
   amax = np.abs(w[mask]).max()
   scale = np.float32(np.float32(amax) / np.float32(top)) * np.float32(fraction)
-  ints = np.clip(np.round(w / scale), -2 ** (bits - 1), top if fraction == 1.0 else 2 ** (bits - 1) - 1)
+  ints = np.clip(
+    np.round(w / scale), -(2 ** (bits - 1)), top if fraction == 1.0 else 2 ** (bits - 1) - 1
+  )
   return np.where(mask, ints * scale, 0.0).astype(np.float32), scale
 
 
@@ -89,8 +95,9 @@ def test_uniform_max_matches_numpy(bits):
   state = fq.uniform_codebook(w, mask, bits=bits)
   q = np.asarray(fq.codebook_quantize(w, state))
   ref, scale = uniform_oracle(w, mask, bits)
-  np.testing.assert_allclose(np.asarray(state.codebook),
-                             scale * np.arange(-2 ** (bits - 1), 2 ** (bits - 1)), rtol=1e-6)
+  np.testing.assert_allclose(
+    np.asarray(state.codebook), scale * np.arange(-(2 ** (bits - 1)), 2 ** (bits - 1)), rtol=1e-6
+  )
   # The same integers except (never, for this data) within rounding of a midpoint; the
   # scale may differ from NumPy's division in the last bit (XLA multiplies by 1/top).
   ints = np.asarray(state.symbols) - 2 ** (bits - 1)
@@ -145,8 +152,9 @@ def test_straight_through_gradients():
   qb = fq.codebook_quantize(jnp.asarray(wb), state)
   assert qb.dtype == jnp.bfloat16
   q32 = np.asarray(fq.codebook_quantize(wb.astype(np.float32), state))
-  assert np.array_equal(np.asarray(qb, np.float32),
-                        q32.astype(ml_dtypes.bfloat16).astype(np.float32))
+  assert np.array_equal(
+    np.asarray(qb, np.float32), q32.astype(ml_dtypes.bfloat16).astype(np.float32)
+  )
 
 
 def test_codebook_symbols_unsorted_codebook():
@@ -163,19 +171,23 @@ def test_codebook_symbols_unsorted_codebook():
 @pytest.mark.parametrize("method", ["kmeans", "uniform"])
 def test_wrapper_keeps_pruned_zero_and_learns_codebooks(method):
   rng = np.random.default_rng(0)
-  params = {"conv": {"kernel": jnp.asarray(rng.normal(size=(3, 3, 4, 8)), jnp.float32)},
-            "head": {"kernel": jnp.asarray(rng.normal(size=(8, 5)), jnp.float32),
-                     "bias": jnp.zeros(5)}}
+  params = {
+    "conv": {"kernel": jnp.asarray(rng.normal(size=(3, 3, 4, 8)), jnp.float32)},
+    "head": {"kernel": jnp.asarray(rng.normal(size=(8, 5)), jnp.float32), "bias": jnp.zeros(5)},
+  }
   params = fq.apply_masks(params, fq.magnitude_masks(params, 0.6))
   target = jax.tree.map(lambda p: 0.5 * p + 0.1, params)
-  tx = fq.codebook_quantization(optax.sgd(0.05, momentum=0.9), bits=3, method=method,
-                                codebook_optimizer=optax.adam(1e-2))
+  tx = fq.codebook_quantization(
+    optax.sgd(0.05, momentum=0.9), bits=3, method=method, codebook_optimizer=optax.adam(1e-2)
+  )
   state = tx.init(params)
 
   @jax.jit
   def step(params, state):
-    loss = lambda p: sum(jnp.sum((a - b) ** 2) for a, b in zip(
-        jax.tree.leaves(fq.codebook_quantized(p, state)), jax.tree.leaves(target)))
+    loss = lambda p: sum(
+      jnp.sum((a - b) ** 2)
+      for a, b in zip(jax.tree.leaves(fq.codebook_quantized(p, state)), jax.tree.leaves(target))
+    )
     l, g = jax.value_and_grad(loss)(params)
     updates, state = tx.update(g, state, params)
     return optax.apply_updates(params, updates), state, l
@@ -194,8 +206,9 @@ def test_wrapper_keeps_pruned_zero_and_learns_codebooks(method):
     assert np.all(q[~m] == 0)
     # The stored symbols are the nearest codewords of the current weights.
     np.testing.assert_array_equal(
-        np.asarray(cs.symbols), np.asarray(fq.codebook_symbols(params[path]["kernel"],
-                                                               cs.codebook, cs.mask)))
+      np.asarray(cs.symbols),
+      np.asarray(fq.codebook_symbols(params[path]["kernel"], cs.codebook, cs.mask)),
+    )
     book = np.asarray(cs.codebook)
     if method == "uniform":  # a learned scale keeps the levels evenly spaced
       np.testing.assert_allclose(np.diff(book), np.diff(book)[0], rtol=1e-4)
@@ -209,25 +222,41 @@ def test_wrapper_keeps_pruned_zero_and_learns_codebooks(method):
 
 
 def same(a, b):
-  return (a.dtype == b.dtype and a.shape == b.shape
-          and np.array_equal(np.ascontiguousarray(a).reshape(-1).view(np.uint8),
-                             np.ascontiguousarray(b).reshape(-1).view(np.uint8)))
+  return (
+    a.dtype == b.dtype
+    and a.shape == b.shape
+    and np.array_equal(
+      np.ascontiguousarray(a).reshape(-1).view(np.uint8),
+      np.ascontiguousarray(b).reshape(-1).view(np.uint8),
+    )
+  )
 
 
-LAYERS = [((3, 3, 8, 16), 0.7, 5, "kmeans"), ((40, 10), 0.0, 7, "uniform"),
-          ((7,), 1.0, 2, "kmeans"), ((0, 4), 0.5, 3, "uniform"), ((6, 6), 0.9, 1, "kmeans")]
+LAYERS = [
+  ((3, 3, 8, 16), 0.7, 5, "kmeans"),
+  ((40, 10), 0.0, 7, "uniform"),
+  ((7,), 1.0, 2, "kmeans"),
+  ((0, 4), 0.5, 3, "uniform"),
+  ((6, 6), 0.9, 1, "kmeans"),
+]
 
 
 @pytest.fixture(scope="module")
 def layers():
   out = {}
   for i, (shape, sparsity, bits, kind) in enumerate(LAYERS):
-    w, mask = sparse_layer(shape, sparsity, i) if np.prod(shape) else (
-        np.zeros(shape, np.float32), np.zeros(shape, bool))
+    w, mask = (
+      sparse_layer(shape, sparsity, i)
+      if np.prod(shape)
+      else (np.zeros(shape, np.float32), np.zeros(shape, bool))
+    )
     if sparsity == 1.0:
       mask[:] = False
-    s = (fq.kmeans_codebook(w, mask, bits=bits) if kind == "kmeans"
-         else fq.uniform_codebook(w, mask, bits=bits, clip="mse"))
+    s = (
+      fq.kmeans_codebook(w, mask, bits=bits)
+      if kind == "kmeans"
+      else fq.uniform_codebook(w, mask, bits=bits, clip="mse")
+    )
     out[f"layer{i}/kernel"] = (w, s, np.asarray(fq.codebook_quantize(w, s)))
   return out
 
@@ -246,8 +275,9 @@ def test_codebook_layers_round_trip_bit_exactly(layers, coder):
       assert same(d.arrays[path], q.astype(dtype)), (path, dtype)
       np.testing.assert_array_equal(d.masks[path], np.asarray(s.mask))
       back = d.codebooks[path]
-      np.testing.assert_array_equal(back.codebook.view(np.uint32),
-                                    np.asarray(s.codebook, np.float32).view(np.uint32))
+      np.testing.assert_array_equal(
+        back.codebook.view(np.uint32), np.asarray(s.codebook, np.float32).view(np.uint32)
+      )
       np.testing.assert_array_equal(back.symbols, np.asarray(s.symbols))
     assert same(d.arrays["bn/mean"], arrays["bn/mean"])
     summary = fq.artifact_summary(d)
@@ -262,8 +292,9 @@ def test_codebook_layers_round_trip_bit_exactly(layers, coder):
   w, s, _ = layers["layer0/kernel"]
   wb = jnp.asarray(w, jnp.bfloat16)
   d = fq.decode_model(fq.encode_model({"w": np.asarray(wb)}, codebooks={"w": s}, coder=coder))
-  assert same(d.arrays["w"], np.asarray(fq.codebook_values(s.symbols, s.codebook, s.mask,
-                                                           dtype=jnp.bfloat16)))
+  assert same(
+    d.arrays["w"], np.asarray(fq.codebook_values(s.symbols, s.codebook, s.mask, dtype=jnp.bfloat16))
+  )
 
 
 def test_encode_rejects_bad_codebook_states():
@@ -293,17 +324,29 @@ def _edit(data, fn, fix_crcs=True):
   return fuzz_fqz._repack(header, sections, fix_section_crcs=fix_crcs)
 
 
-@pytest.mark.parametrize("edit,message", [
-    (lambda h, s: h["arrays"][1].update(codewords=0), r"arrays\[1\] \('w'\): codewords must be >= 1"),
-    (lambda h, s: h["arrays"][1].update(codewords=1 << 17), r"arrays\[1\] \('w'\): codewords = 131072"),
+@pytest.mark.parametrize(
+  "edit,message",
+  [
+    (
+      lambda h, s: h["arrays"][1].update(codewords=0),
+      r"arrays\[1\] \('w'\): codewords must be >= 1",
+    ),
+    (
+      lambda h, s: h["arrays"][1].update(codewords=1 << 17),
+      r"arrays\[1\] \('w'\): codewords = 131072",
+    ),
     (lambda h, s: h["arrays"][1].pop("codewords"), r"arrays\[1\] \('w'\): codewords is missing"),
     (lambda h, s: h["arrays"][1].update(codewords=15), r"section 1 \('w'\)"),
     (lambda h, s: h["arrays"][1].update(codewords=17), r"section 1 \('w'\)"),
     (lambda h, s: s.__setitem__(1, s[1][:-4]), r"section 1 \('w'\).*codebook of 16 float32"),
-    (lambda h, s: s.__setitem__(1, s[1] + b"\0\0\0\0"), r"section 1 \('w'\).*codebook of 16 float32"),
+    (
+      lambda h, s: s.__setitem__(1, s[1] + b"\0\0\0\0"),
+      r"section 1 \('w'\).*codebook of 16 float32",
+    ),
     (lambda h, s: h["arrays"][1].update(dtype="int32"), r"arrays\[1\] \('w'\): dtype int32 cannot"),
     (lambda h, s: h["arrays"][1].update(kept=h["arrays"][1]["kept"] + 1), r"\('w'\)"),
-])
+  ],
+)
 def test_malformed_codebook_sections_name_the_section(edit, message):
   data = _file()
   with pytest.raises(fq.FormatError, match=message):
@@ -322,19 +365,19 @@ def test_codebook_file_fuzz_raises_only_format_errors(monkeypatch):
 
 def test_version_1_0_files_still_read():
   w, mask = sparse_layer((8, 8), 0.5, 4)
-  state = fuzz_fqz._state(w.shape, np.random.default_rng(0), bits=5, recentralized=True,
-                          sparsity=0.5)
+  state = fuzz_fqz._state(
+    w.shape, np.random.default_rng(0), bits=5, recentralized=True, sparsity=0.5
+  )
   data = fq.encode_model({"w": w, "m": w[0]}, focus={"w": state}, masks={"m": mask[0]})
   assert struct.unpack_from("<HH", data, 8) == (1, 1)
   old = bytearray(data)
   old[10:12] = struct.pack("<H", 0)
   h = struct.unpack_from("<I", data, 12)[0]
-  old[20:24] = struct.pack("<I", zlib.crc32(bytes(old[24:24 + h]), zlib.crc32(bytes(old[:20]))))
+  old[20:24] = struct.pack("<I", zlib.crc32(bytes(old[24 : 24 + h]), zlib.crc32(bytes(old[:20]))))
   a, b = fq.decode_model(bytes(old)), fq.decode_model(data)
   assert a.version == (1, 0)
   for k in b.arrays:
     assert same(a.arrays[k], b.arrays[k])
-  header = json.loads(zlib.decompress(data[24:24 + h]))
+  header = json.loads(zlib.decompress(data[24 : 24 + h]))
   assert {e["kind"] for e in header["arrays"]} == {"focused", "pruned"}
   assert container.MINOR_VERSION == 1
-

@@ -11,7 +11,6 @@ import pytest
 import fq_jax as fq
 from fq_jax._src.codec import ans, container, huffman, positions
 
-
 # ----------------------------------------------------------------------------
 # Container primitives
 # ----------------------------------------------------------------------------
@@ -56,7 +55,7 @@ def test_preamble_layout_and_header_crc():
   assert int.from_bytes(data[8:10], "little") == 1
   stored = int.from_bytes(data[12:16], "little")
   crc = int.from_bytes(data[20:24], "little")
-  assert crc == zlib.crc32(data[24:24 + stored], zlib.crc32(data[:20]))
+  assert crc == zlib.crc32(data[24 : 24 + stored], zlib.crc32(data[:20]))
   header, spans, end = container.unpack(data)
   assert end == 24 + stored and spans == [(end, end + 6)]
   assert data[end:] == np.arange(3, dtype="<i2").tobytes()
@@ -74,8 +73,7 @@ def _kraft(lengths):
 
 
 @hypothesis.settings(max_examples=80, deadline=None)
-@hypothesis.given(st.lists(st.integers(1, 10**6), min_size=2, max_size=40),
-                  st.integers(6, 16))
+@hypothesis.given(st.lists(st.integers(1, 10**6), min_size=2, max_size=40), st.integers(6, 16))
 def test_length_limited_codes_are_complete_and_limited(weights, max_len):
   hypothesis.assume(len(weights) <= 2**max_len)
   lengths = huffman.code_lengths(np.array(weights), max_len)
@@ -95,9 +93,13 @@ def test_package_merge_is_optimal_against_brute_force():
     weights = rng.integers(1, 1000, n).tolist()
     limit = int(rng.integers(max(1, int(np.ceil(np.log2(n)))), 5))
     best = min(
-        (sum(w * l for w, l in zip(weights, ls)) for ls in itertools.product(
-            range(1, limit + 1), repeat=n) if sum(2.0**-l for l in ls) <= 1),
-        default=None)
+      (
+        sum(w * l for w, l in zip(weights, ls))
+        for ls in itertools.product(range(1, limit + 1), repeat=n)
+        if sum(2.0**-l for l in ls) <= 1
+      ),
+      default=None,
+    )
     got = huffman._package_merge(weights, limit)
     assert max(got) <= limit and _kraft(got) <= 1
     assert sum(w * l for w, l in zip(weights, got)) == best
@@ -120,8 +122,12 @@ def test_canonical_codes_are_deflate_style():
 
 
 @hypothesis.settings(max_examples=40, deadline=None)
-@hypothesis.given(st.integers(1, 5000), st.integers(2, 30), st.sampled_from([1, 3, 64, 1024]),
-                  st.integers(0, 2**32 - 1))
+@hypothesis.given(
+  st.integers(1, 5000),
+  st.integers(2, 30),
+  st.sampled_from([1, 3, 64, 1024]),
+  st.integers(0, 2**32 - 1),
+)
 def test_huffman_streams_round_trip(n, alphabet, lane, seed):
   rng = np.random.default_rng(seed)
   p = rng.dirichlet(np.full(alphabet, 0.3))
@@ -252,7 +258,8 @@ def test_position_code_round_trip(size, keep, seed):
   np.testing.assert_array_equal(back, idx)
   if sym.size and not (sym == run).any():
     np.testing.assert_array_equal(
-        positions.decode(sym, run, idx.size, size, "here", escapes=False), idx)
+      positions.decode(sym, run, idx.size, size, "here", escapes=False), idx
+    )
 
 
 def test_position_code_escapes_and_validation():

@@ -5,6 +5,7 @@ import struct
 import tracemalloc
 import zlib
 
+import fuzz_fqz
 import hypothesis
 import hypothesis.strategies as st
 import numpy as np
@@ -12,8 +13,6 @@ import pytest
 
 import fq_jax as fq
 from fq_jax._src.codec import container
-
-import fuzz_fqz
 
 
 @pytest.fixture(scope="module")
@@ -35,15 +34,17 @@ def test_ten_thousand_mutations_raise_only_format_errors(files, seed):
 
 
 @hypothesis.settings(max_examples=150, deadline=None)
-@hypothesis.given(which=st.integers(0, 1), edits=st.lists(
-    st.tuples(st.integers(0, 10**6), st.integers(0, 255)), min_size=1, max_size=4),
-                  cut=st.none() | st.integers(0, 10**6))
+@hypothesis.given(
+  which=st.integers(0, 1),
+  edits=st.lists(st.tuples(st.integers(0, 10**6), st.integers(0, 255)), min_size=1, max_size=4),
+  cut=st.none() | st.integers(0, 10**6),
+)
 def test_hypothesis_byte_edits(which, edits, cut):
   data = bytearray(_cached_files()[which])
   for pos, value in edits:
     data[pos % len(data)] = value
   if cut is not None:
-    data = data[:cut % (len(data) + 1)]
+    data = data[: cut % (len(data) + 1)]
   fuzz_fqz.check_one(bytes(data))
 
 
@@ -95,21 +96,25 @@ def test_messages_name_the_fault(files):
 
   def lie_bytes(h, s):
     h["arrays"][3]["bytes"] += 4
+
   with pytest.raises(fq.FormatError, match="past the end"):
     fq.decode_model(_edit(data, lie_bytes, fix_crcs=False))
 
   def lie_shape(h, s):
     h["arrays"][3]["shape"] = [9]
+
   with pytest.raises(fq.FormatError, match=r"section 3 \('bn/mean'\) at file offset \d+: holds 32"):
     fq.decode_model(_edit(data, lie_shape))
 
   def lie_kept(h, s):
     h["arrays"][0]["kept"] -= 1
+
   with pytest.raises(fq.FormatError, match=r"section 0 \('conv/kernel'\)"):
     fq.decode_model(_edit(data, lie_kept))
 
   def lie_dtype(h, s):
     h["arrays"][4]["dtype"] = "object"
+
   with pytest.raises(fq.FormatError, match=r"arrays\[4\] \('count'\): dtype 'object'"):
     fq.decode_model(_edit(data, lie_dtype))
 
@@ -120,6 +125,7 @@ def test_huge_claims_are_rejected_before_allocation(files, claim):
 
   def huge(h, s):
     h["arrays"][5]["shape"] = [claim, claim]  # the empty raw array claims claim^2 values
+
   bad = _edit(data, huge)
   tracemalloc.start()
   try:
@@ -133,6 +139,7 @@ def test_huge_claims_are_rejected_before_allocation(files, claim):
   def huge_kept(h, s):  # a focused layer claiming 10^12 kept weights in a tiny section
     h["arrays"][0]["shape"] = [claim]
     h["arrays"][0]["kept"] = claim
+
   with pytest.raises(fq.FormatError):
     fq.decode_model(_edit(data, huge_kept))
 
@@ -163,7 +170,6 @@ def test_header_json_is_strict(files):
   raw = text.replace('"bits":5', '"bits":NaN', 1).encode()
   stored = zlib.compress(raw)
   head = struct.pack("<8sHHII", container.MAGIC, 1, 0, len(stored), len(raw))
-  bad = head + struct.pack("<I", zlib.crc32(stored, zlib.crc32(head))) + stored + b"".join(
-      sections)
+  bad = head + struct.pack("<I", zlib.crc32(stored, zlib.crc32(head))) + stored + b"".join(sections)
   with pytest.raises(fq.FormatError, match="not valid UTF-8 JSON"):
     fq.decode_model(bad)

@@ -16,8 +16,21 @@ import fq_jax as fq
 CODERS = st.sampled_from(["ans", "huffman"])
 SHAPES = [(), (0,), (1,), (1, 1), (7,), (3, 5), (0, 4), (2, 3, 3, 2), (33, 17), (16, 8, 3, 3)]
 FOCUS_DTYPES = [np.float32, ml_dtypes.bfloat16, np.float16]
-RAW_DTYPES = [np.bool_, np.int8, np.uint8, np.int16, np.uint16, np.int32, np.uint32, np.int64,
-              np.uint64, np.float16, ml_dtypes.bfloat16, np.float32, np.float64]
+RAW_DTYPES = [
+  np.bool_,
+  np.int8,
+  np.uint8,
+  np.int16,
+  np.uint16,
+  np.int32,
+  np.uint32,
+  np.int64,
+  np.uint64,
+  np.float16,
+  ml_dtypes.bfloat16,
+  np.float32,
+  np.float64,
+]
 SPARSITIES = [0.0, 0.5, 0.999, 1.0]
 PAD = 4096  # reference kernels run on padded flat vectors: one compile per dtype
 
@@ -25,16 +38,22 @@ PAD = 4096  # reference kernels run on padded flat vectors: one compile per dtyp
 def same(a, b) -> bool:
   """Equal values, dtype, shape and raw bytes."""
   a, b = np.asarray(a), np.asarray(b)
-  return (a.dtype == b.dtype and a.shape == b.shape and np.array_equal(a, b, equal_nan=True)
-          and np.array_equal(np.ascontiguousarray(a).reshape(-1).view(np.uint8),
-                             np.ascontiguousarray(b).reshape(-1).view(np.uint8)))
+  return (
+    a.dtype == b.dtype
+    and a.shape == b.shape
+    and np.array_equal(a, b, equal_nan=True)
+    and np.array_equal(
+      np.ascontiguousarray(a).reshape(-1).view(np.uint8),
+      np.ascontiguousarray(b).reshape(-1).view(np.uint8),
+    )
+  )
 
 
 def exact_mask(shape, sparsity, rng):
   """A keep-mask pruning exactly round(sparsity * size) random entries."""
   size = int(np.prod(shape))
   mask = np.ones(size, bool)
-  mask[rng.permutation(size)[:round(sparsity * size)]] = False
+  mask[rng.permutation(size)[: round(sparsity * size)]] = False
   return mask.reshape(shape)
 
 
@@ -42,15 +61,21 @@ def synthetic_state(shape, rng, *, bits, recentralized, sparsity, scale=0.05):
   """A FocusState as fq.focus would shape it (powers-of-two means, shared sigma)."""
   recentralized = recentralized and bits >= 3
   mask = exact_mask(shape, sparsity, rng)
-  means = np.array([-2.0 ** -int(rng.integers(2, 6)), 2.0 ** -int(rng.integers(2, 6))],
-                   np.float32)
+  means = np.array(
+    [-(2.0 ** -int(rng.integers(2, 6))), 2.0 ** -int(rng.integers(2, 6))], np.float32
+  )
   return fq.FocusState(
-      recentralized=np.bool_(recentralized), bits=np.int32(bits), means=means,
-      sigma=np.float32(scale * rng.uniform(0.3, 1.0)), bias=np.int32(rng.integers(-2, 9)),
-      assignment=(rng.random(shape) < 0.5) & mask & recentralized, mask=mask,
-      alpha=np.float32(rng.uniform(0.5, 2.0)),
-      gmm=fq.GMM(np.array([0.5, 0.5], np.float32), means, np.array([0.02, 0.03], np.float32)),
-      separation=np.float32(rng.uniform(0, 5)))
+    recentralized=np.bool_(recentralized),
+    bits=np.int32(bits),
+    means=means,
+    sigma=np.float32(scale * rng.uniform(0.3, 1.0)),
+    bias=np.int32(rng.integers(-2, 9)),
+    assignment=(rng.random(shape) < 0.5) & mask & recentralized,
+    mask=mask,
+    alpha=np.float32(rng.uniform(0.5, 2.0)),
+    gmm=fq.GMM(np.array([0.5, 0.5], np.float32), means, np.array([0.02, 0.03], np.float32)),
+    separation=np.float32(rng.uniform(0, 5)),
+  )
 
 
 @functools.partial(jax.jit, static_argnames="dtype")
@@ -66,9 +91,18 @@ def reference(w, state):
   size = w.size
   assert size <= PAD
   pad = lambda x, dt: np.concatenate([np.asarray(x, dt).reshape(-1), np.zeros(PAD - size, dt)])
-  sym, val = _reference(pad(w, w.dtype), pad(state.assignment, bool), pad(state.mask, bool),
-                        state.recentralized, state.bits, state.means, state.sigma, state.bias,
-                        state.alpha, dtype=jnp.dtype(w.dtype))
+  sym, val = _reference(
+    pad(w, w.dtype),
+    pad(state.assignment, bool),
+    pad(state.mask, bool),
+    state.recentralized,
+    state.bits,
+    state.means,
+    state.sigma,
+    state.bias,
+    state.alpha,
+    dtype=jnp.dtype(w.dtype),
+  )
   return (np.asarray(sym)[:size].reshape(w.shape), np.asarray(val)[:size].reshape(w.shape))
 
 
@@ -82,25 +116,44 @@ def values_of(symbols, state, dtype):
   """fq.focused_values(symbols, state) (padded flat, one compile per dtype)."""
   size = symbols.size
   pad = lambda x, dt: np.concatenate([np.asarray(x, dt).reshape(-1), np.zeros(PAD - size, dt)])
-  out = _values(pad(symbols, np.int32), pad(state.mask, bool), state.recentralized, state.bits,
-                state.means, state.sigma, state.bias, state.alpha, dtype=jnp.dtype(dtype))
+  out = _values(
+    pad(symbols, np.int32),
+    pad(state.mask, bool),
+    state.recentralized,
+    state.bits,
+    state.means,
+    state.sigma,
+    state.bias,
+    state.alpha,
+    dtype=jnp.dtype(dtype),
+  )
   return np.asarray(out)[:size].reshape(symbols.shape)
 
 
 @hypothesis.settings(max_examples=60, deadline=None)
 @hypothesis.given(
-    shape=st.sampled_from(SHAPES), dtype=st.sampled_from(FOCUS_DTYPES),
-    sparsity=st.sampled_from(SPARSITIES), bits=st.integers(2, 8), recentralized=st.booleans(),
-    coder=CODERS, seed=st.integers(0, 2**32 - 1))
-def test_focused_layers_round_trip_bit_exactly(shape, dtype, sparsity, bits, recentralized,
-                                               coder, seed):
+  shape=st.sampled_from(SHAPES),
+  dtype=st.sampled_from(FOCUS_DTYPES),
+  sparsity=st.sampled_from(SPARSITIES),
+  bits=st.integers(2, 8),
+  recentralized=st.booleans(),
+  coder=CODERS,
+  seed=st.integers(0, 2**32 - 1),
+)
+def test_focused_layers_round_trip_bit_exactly(
+  shape, dtype, sparsity, bits, recentralized, coder, seed
+):
   rng = np.random.default_rng(seed)
   w = (rng.normal(size=shape) * 0.05).astype(dtype)
   state = synthetic_state(shape, rng, bits=bits, recentralized=recentralized, sparsity=sparsity)
   stats = rng.normal(size=(3,)).astype(np.float32)
   arrays = {"block/conv/kernel": w, "block/bn/mean": stats, "steps": np.int64(2**40 + 3)}
-  data = fq.encode_model(arrays, focus={"block/conv/kernel": state}, coder=coder,
-                         metadata={"dataset": "test", "bits": bits})
+  data = fq.encode_model(
+    arrays,
+    focus={"block/conv/kernel": state},
+    coder=coder,
+    metadata={"dataset": "test", "bits": bits},
+  )
   d = fq.decode_model(data)
   ref_sym, ref_val = reference(w, state)
   assert same(d.arrays["block/conv/kernel"], ref_val)
@@ -126,8 +179,13 @@ def test_focused_layers_round_trip_bit_exactly(shape, dtype, sparsity, bits, rec
 
 
 @hypothesis.settings(max_examples=60, deadline=None)
-@hypothesis.given(shape=st.sampled_from(SHAPES), dtype=st.sampled_from(RAW_DTYPES),
-                  coder=CODERS, seed=st.integers(0, 2**32 - 1), special=st.booleans())
+@hypothesis.given(
+  shape=st.sampled_from(SHAPES),
+  dtype=st.sampled_from(RAW_DTYPES),
+  coder=CODERS,
+  seed=st.integers(0, 2**32 - 1),
+  special=st.booleans(),
+)
 def test_raw_arrays_round_trip_bit_exactly(shape, dtype, coder, seed, special):
   rng = np.random.default_rng(seed)
   dt = np.dtype(dtype)
@@ -149,9 +207,13 @@ def test_raw_arrays_round_trip_bit_exactly(shape, dtype, coder, seed, special):
 
 
 @hypothesis.settings(max_examples=40, deadline=None)
-@hypothesis.given(shape=st.sampled_from(SHAPES), dtype=st.sampled_from(RAW_DTYPES),
-                  sparsity=st.sampled_from(SPARSITIES), coder=CODERS,
-                  seed=st.integers(0, 2**32 - 1))
+@hypothesis.given(
+  shape=st.sampled_from(SHAPES),
+  dtype=st.sampled_from(RAW_DTYPES),
+  sparsity=st.sampled_from(SPARSITIES),
+  coder=CODERS,
+  seed=st.integers(0, 2**32 - 1),
+)
 def test_pruned_arrays_round_trip(shape, dtype, sparsity, coder, seed):
   rng = np.random.default_rng(seed)
   x = (rng.normal(size=shape) * 10).astype(dtype)
@@ -195,23 +257,34 @@ def test_forward_pass_values_equal_decoded_values(tmp_path):
   """fq.quantized(params, FQState) with every kept weight quantized == the decoded arrays."""
   rng = np.random.default_rng(1)
   params = {
-      "conv": {"kernel": (rng.normal(size=(3, 3, 8, 16)) * 0.1).astype(np.float32),
-               "bias": rng.normal(size=(16,)).astype(np.float32)},
-      "dense": {"kernel": (rng.normal(size=(32, 10)) * 0.1).astype(ml_dtypes.bfloat16)},
-      "shift": {"kernel": (rng.normal(size=(10, 6)) * 0.1).astype(np.float32)},
+    "conv": {
+      "kernel": (rng.normal(size=(3, 3, 8, 16)) * 0.1).astype(np.float32),
+      "bias": rng.normal(size=(16,)).astype(np.float32),
+    },
+    "dense": {"kernel": (rng.normal(size=(32, 10)) * 0.1).astype(ml_dtypes.bfloat16)},
+    "shift": {"kernel": (rng.normal(size=(10, 6)) * 0.1).astype(np.float32)},
   }
   states = {
-      "conv": synthetic_state((3, 3, 8, 16), rng, bits=5, recentralized=True, sparsity=0.7),
-      "dense": synthetic_state((32, 10), rng, bits=7, recentralized=True, sparsity=0.5),
-      "shift": synthetic_state((10, 6), rng, bits=4, recentralized=False, sparsity=0.0),
+    "conv": synthetic_state((3, 3, 8, 16), rng, bits=5, recentralized=True, sparsity=0.7),
+    "dense": synthetic_state((32, 10), rng, bits=7, recentralized=True, sparsity=0.5),
+    "shift": synthetic_state((10, 6), rng, bits=4, recentralized=False, sparsity=0.0),
   }
-  masks = {k: {"kernel": s.mask, **({"bias": None} if k == "conv" else {})}
-           for k, s in states.items()}
+  masks = {
+    k: {"kernel": s.mask, **({"bias": None} if k == "conv" else {})} for k, s in states.items()
+  }
   focus = {k: {"kernel": s, **({"bias": None} if k == "conv" else {})} for k, s in states.items()}
   fq_state = fq.FQState(
-      count=jnp.int32(0), rng=jnp.zeros(2, jnp.uint32), masks=masks, focus=focus, inq=masks,
-      stage=jnp.int32(0), next_refit=jnp.int32(0), refit_interval=jnp.float32(0),
-      alpha_state=(), inner_state=optax.EmptyState())
+    count=jnp.int32(0),
+    rng=jnp.zeros(2, jnp.uint32),
+    masks=masks,
+    focus=focus,
+    inq=masks,
+    stage=jnp.int32(0),
+    next_refit=jnp.int32(0),
+    refit_interval=jnp.float32(0),
+    alpha_state=(),
+    inner_state=optax.EmptyState(),
+  )
   forward = jax.jit(fq.quantized)(params, fq_state)
   batch_stats = {"bn": {"mean": rng.normal(size=(16,)).astype(np.float32)}}
   variables = {"params": params, "batch_stats": batch_stats}

@@ -6,17 +6,28 @@ import math
 import struct
 import zlib
 
+import fuzz_fqz
 import ml_dtypes
 import numpy as np
 import pytest
 
 import fq_jax as fq
 
-import fuzz_fqz
-
-DTYPES = {"bool": "?", "int8": "<i1", "uint8": "<u1", "int16": "<i2", "uint16": "<u2",
-          "int32": "<i4", "uint32": "<u4", "int64": "<i8", "uint64": "<u8", "float16": "<f2",
-          "bfloat16": ml_dtypes.bfloat16, "float32": "<f4", "float64": "<f8"}
+DTYPES = {
+  "bool": "?",
+  "int8": "<i1",
+  "uint8": "<u1",
+  "int16": "<i2",
+  "uint16": "<u2",
+  "int32": "<i4",
+  "uint32": "<u4",
+  "int64": "<i8",
+  "uint64": "<u8",
+  "float16": "<f2",
+  "bfloat16": ml_dtypes.bfloat16,
+  "float32": "<f4",
+  "float64": "<f8",
+}
 
 
 class Cursor:
@@ -91,7 +102,7 @@ def huffman_payload(cur, streams, lane):
   bits_of = []
   for lane_bits in lanes:
     n = sum(lane_bits)
-    raw = cur.data[cur.pos:cur.pos + (n + 7) // 8]
+    raw = cur.data[cur.pos : cur.pos + (n + 7) // 8]
     cur.pos += (n + 7) // 8
     bits_of.append("".join(format(b, "08b") for b in raw))
   assert cur.pos == cur.end
@@ -140,15 +151,15 @@ def value(x, q):
     t = x - s * m
     mu, sd = f32(q["means"][m]), f32(q["sigma"])
   b = q["bias"]
-  v = 0.0 if t == 0 else (2.0 ** (t - 1 - b) if t <= 2 ** k else -(2.0 ** (t - 1 - 2 ** k - b)))
+  v = 0.0 if t == 0 else (2.0 ** (t - 1 - b) if t <= 2**k else -(2.0 ** (t - 1 - 2**k - b)))
   return f32(q["alpha"]) * (np.float32(v) * sd + mu)
 
 
 def read(data):
   magic, major, minor, h, u, crc = struct.unpack_from("<8sHHIII", data)
   assert magic == b"\x89FQZ\r\n\x1a\n" and major == 1
-  assert crc == zlib.crc32(data[24:24 + h], zlib.crc32(data[:20]))
-  header = json.loads(zlib.decompress(data[24:24 + h]))
+  assert crc == zlib.crc32(data[24 : 24 + h], zlib.crc32(data[:20]))
+  header = json.loads(zlib.decompress(data[24 : 24 + h]))
   pos, arrays = 24 + h, {}
   for e in header["arrays"]:
     start, end = pos, pos + e["bytes"]
@@ -157,7 +168,9 @@ def read(data):
     shape, size = e["shape"], math.prod(e["shape"])
     dt = np.dtype(DTYPES[e["dtype"]])
     if e["kind"] == "raw":
-      arrays[e["path"]] = np.frombuffer(data[start:end], DTYPES[e["stored"]]).astype(dt).reshape(shape)
+      arrays[e["path"]] = (
+        np.frombuffer(data[start:end], DTYPES[e["stored"]]).astype(dt).reshape(shape)
+      )
       continue
     cur = Cursor(data, start, end)
     tables = [cur.table()]
@@ -168,17 +181,17 @@ def read(data):
     length = cur.varint()
     payload = Cursor(data, cur.pos, cur.pos + length)
     if header["coder"] == "ans":
-      words = struct.unpack(f"<{length // 4}I", data[cur.pos:cur.pos + length])
+      words = struct.unpack(f"<{length // 4}I", data[cur.pos : cur.pos + length])
       streams = rans_decode(words, list(zip(counts, tables)))
     else:
       streams = huffman_payload(payload, list(zip(counts, tables)), header["lane"])
     mask = positions(streams[0], e["run"], size, e["inverted"])
     out = np.zeros(size, dt)
     if e["kind"] == "pruned":
-      kept = np.frombuffer(data[cur.pos + length:end], DTYPES[e["stored"]])
+      kept = np.frombuffer(data[cur.pos + length : end], DTYPES[e["stored"]])
       out[mask] = kept.astype(dt)
     elif e["kind"] == "codebook":  # section 4, format 1.1
-      codebook = np.frombuffer(data[cur.pos + length:end], "<f4")
+      codebook = np.frombuffer(data[cur.pos + length : end], "<f4")
       assert codebook.size == e["codewords"]
       out[mask] = codebook[np.array(streams[1], np.int64)].astype(dt)
     else:
@@ -207,8 +220,13 @@ def test_spec_reader_on_real_layers():
   w = (rng.normal(size=(32, 16, 3, 3)) * 0.05).astype(np.float32)
   state = fuzz_fqz._state(w.shape, rng, bits=7, recentralized=True, sparsity=0.9)
   for coder in ("ans", "huffman"):
-    data = fq.encode_model({"w": w, "b": w[0, 0]}, focus={"w": state},
-                           masks={"b": np.abs(w[0, 0]) > 0.03}, coder=coder, huffman_lane=50)
+    data = fq.encode_model(
+      {"w": w, "b": w[0, 0]},
+      focus={"w": state},
+      masks={"b": np.abs(w[0, 0]) > 0.03},
+      coder=coder,
+      huffman_lane=50,
+    )
     _, arrays = read(data)
     decoded = fq.decode_model(data)
     for path in arrays:

@@ -1,4 +1,5 @@
 """The runnable examples in the core's docstrings are tests too."""
+
 import doctest
 import importlib
 
@@ -16,6 +17,16 @@ def test_docstring_examples_run(name):
 
 def test_public_functions_have_examples():
   import fq_jax as fq
-  for fn in (fq.fit_gmm, fq.focused_quantize, fq.focus, fq.shift_quantize, fq.overflow_bias,
-             fq.magnitude_masks, fq.dns_masks, fq.focused_quantization, fq.quantized):
+
+  for fn in (
+    fq.fit_gmm,
+    fq.focused_quantize,
+    fq.focus,
+    fq.shift_quantize,
+    fq.overflow_bias,
+    fq.magnitude_masks,
+    fq.dns_masks,
+    fq.focused_quantization,
+    fq.quantized,
+  ):
     assert "Example:" in fn.__doc__ and ">>>" in fn.__doc__, fn.__name__

@@ -1,18 +1,20 @@
 """fit_gmm against scikit-learn's GaussianMixture, and its degenerate cases."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import shared_path
 from sklearn.mixture import GaussianMixture
 
 import fq_jax as fq
-from conftest import shared_path
 
 
 def sklearn_ll(x):
   """Best log-likelihood scikit-learn reaches (tight tolerance, several inits)."""
-  gm = GaussianMixture(2, tol=1e-9, max_iter=1000, reg_covar=1e-12,
-                       random_state=0).fit(np.asarray(x, np.float64)[:, None])
+  gm = GaussianMixture(2, tol=1e-9, max_iter=1000, reg_covar=1e-12, random_state=0).fit(
+    np.asarray(x, np.float64)[:, None]
+  )
   return gm.score(np.asarray(x, np.float64)[:, None])
 
 
@@ -25,9 +27,9 @@ def ours_ll(x, mask=None):
 def test_matches_sklearn_log_likelihood(kind):
   rng = np.random.default_rng(1)
   x = {
-      "bimodal": np.concatenate([rng.normal(-0.05, 0.01, 3000), rng.normal(0.03, 0.02, 2000)]),
-      "unimodal": rng.normal(0, 0.02, 5000),
-      "skewed": rng.gamma(2.0, 0.01, 4000) - 0.01,
+    "bimodal": np.concatenate([rng.normal(-0.05, 0.01, 3000), rng.normal(0.03, 0.02, 2000)]),
+    "unimodal": rng.normal(0, 0.02, 5000),
+    "skewed": rng.gamma(2.0, 0.01, 4000) - 0.01,
   }[kind].astype(np.float32)
   ours, g = ours_ll(x)
   assert ours >= sklearn_ll(x) - 1e-3
@@ -53,8 +55,11 @@ def test_mask_is_equivalent_to_selecting():
   g_masked = fq.fit_gmm(jnp.asarray(w), jnp.asarray(mask))
   g_selected = fq.fit_gmm(jnp.asarray(w[mask]))
   # Same optimum (EM on a unimodal sample is flat there, so compare likelihoods).
-  np.testing.assert_allclose(fq.gmm_log_likelihood(g_masked, jnp.asarray(w[mask])),
-                             fq.gmm_log_likelihood(g_selected, jnp.asarray(w[mask])), atol=1e-5)
+  np.testing.assert_allclose(
+    fq.gmm_log_likelihood(g_masked, jnp.asarray(w[mask])),
+    fq.gmm_log_likelihood(g_selected, jnp.asarray(w[mask])),
+    atol=1e-5,
+  )
 
 
 def test_paper_initialisation_recovers_separated_components():
@@ -86,15 +91,18 @@ def test_bfloat16_weights():
   np.testing.assert_allclose(g16.means, g32.means, atol=2e-3)
 
 
-@pytest.mark.parametrize("w, mask", [
-    (np.zeros(0, np.float32), None),                     # empty
-    (np.zeros(10, np.float32), np.zeros(10, bool)),      # all pruned
-    (np.array([0.3], np.float32), None),                 # one kept weight
-    (np.full(20, 0.5, np.float32), None),                # zero variance
-    (np.zeros(20, np.float32), None),                    # all zeros
+@pytest.mark.parametrize(
+  "w, mask",
+  [
+    (np.zeros(0, np.float32), None),  # empty
+    (np.zeros(10, np.float32), np.zeros(10, bool)),  # all pruned
+    (np.array([0.3], np.float32), None),  # one kept weight
+    (np.full(20, 0.5, np.float32), None),  # zero variance
+    (np.zeros(20, np.float32), None),  # all zeros
     (np.abs(np.random.default_rng(6).normal(size=100)).astype(np.float32), None),  # one sign
     (np.array([1.0, np.nan, -1.0, np.inf, 0.5], np.float32), None),  # non-finite
-])
+  ],
+)
 def test_degenerate_inputs_are_finite_and_defined(w, mask):
   g = jax.jit(fq.fit_gmm)(jnp.asarray(w), None if mask is None else jnp.asarray(mask))
   for field in g:
@@ -128,16 +136,20 @@ def test_wasserstein_separation_is_eq4():
   mask = rng.random(1000) > 0.5
   g = fq.GMM(jnp.array([0.4, 0.6]), jnp.array([-0.7, 0.9]), jnp.array([0.3, 0.5]))
   expected = ((-0.7 - 0.9) ** 2 + (0.3 - 0.5) ** 2) / np.var(w[mask].astype(np.float64))
-  np.testing.assert_allclose(fq.wasserstein_separation(g, jnp.asarray(w), jnp.asarray(mask)),
-                             expected, rtol=1e-5)
+  np.testing.assert_allclose(
+    fq.wasserstein_separation(g, jnp.asarray(w), jnp.asarray(mask)), expected, rtol=1e-5
+  )
   with_zeros = np.where(mask, w, 0).astype(np.float64)
   np.testing.assert_allclose(
-      fq.wasserstein_separation(g, jnp.asarray(w), jnp.asarray(mask), include_pruned=True),
-      ((-0.7 - 0.9) ** 2 + (0.3 - 0.5) ** 2) / np.var(with_zeros), rtol=1e-5)
+    fq.wasserstein_separation(g, jnp.asarray(w), jnp.asarray(mask), include_pruned=True),
+    ((-0.7 - 0.9) ** 2 + (0.3 - 0.5) ** 2) / np.var(with_zeros),
+    rtol=1e-5,
+  )
 
 
 def test_log_likelihood_matches_scipy_formula():
   from scipy.stats import norm
+
   g = fq.GMM(jnp.array([0.3, 0.7]), jnp.array([-1.0, 0.5]), jnp.array([0.4, 0.8]))
   x = np.linspace(-3, 3, 101).astype(np.float32)
   expected = np.mean(np.log(0.3 * norm.pdf(x, -1, 0.4) + 0.7 * norm.pdf(x, 0.5, 0.8)))

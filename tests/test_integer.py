@@ -84,8 +84,12 @@ def test_quantized_activations_model_trains_straight_through():
   model = models.DigitsCNN()
   x = jax.random.uniform(jax.random.key(0), (16, 8, 8, 1))
   v = jax.jit(model.init)(jax.random.key(1), x)
-  scales = {"conv1": {"exponent": -7, "signed": False}, "conv2": {"exponent": -4, "signed": False},
-            "fc1": {"exponent": -4, "signed": False}, "head": {"exponent": -4, "signed": False}}
+  scales = {
+    "conv1": {"exponent": -7, "signed": False},
+    "conv2": {"exponent": -4, "signed": False},
+    "fc1": {"exponent": -4, "signed": False},
+    "head": {"exponent": -4, "signed": False},
+  }
   qmodel = fq.QuantizedActivationsModel(model, activation_bits=4, activation_scales=scales)
 
   @jax.jit
@@ -96,6 +100,7 @@ def test_quantized_activations_model_trains_straight_through():
   (_, (logits, upd)), g = jax.value_and_grad(loss, has_aux=True)(v["params"])
   assert set(upd) == {"batch_stats"}
   assert all(np.all(np.isfinite(a)) and np.any(a != 0) for a in jax.tree.leaves(g))
+
   # The forward pass saw 4-bit codes: the same as quantizing every layer input by hand.
   def by_hand(next_fun, args, kwargs, context):
     if context.method_name == "__call__" and isinstance(context.module, (nn.Conv, nn.Dense)):
@@ -131,9 +136,18 @@ def _fake_state(shape, rng, *, rec, bits=5, sparsity=0.5):
     bias, sigma = 2**k - 2, np.float32(rng.uniform(0.01, 0.04))
   else:
     means, bias, sigma = np.zeros(2, np.float32), 2**k + 1, np.float32(1.0)
-  st = fq.FocusState(recentralized=np.bool_(rec), bits=np.int32(bits), means=means, sigma=sigma,
-                     bias=np.int32(bias), assignment=m, mask=mask,
-                     alpha=np.float32(rng.uniform(0.7, 1.3)), gmm=None, separation=None)
+  st = fq.FocusState(
+    recentralized=np.bool_(rec),
+    bits=np.int32(bits),
+    means=means,
+    sigma=sigma,
+    bias=np.int32(bias),
+    assignment=m,
+    mask=mask,
+    alpha=np.float32(rng.uniform(0.7, 1.3)),
+    gmm=None,
+    separation=None,
+  )
   s_, e_, m_ = I.decode_symbols(sym, st)  # unit = sigma * s 2^(e - b) + mu_m, in numpy
   sv = np.ldexp(s_.astype(np.float32), (e_ - bias).astype(np.int32))
   unit = np.where(mask, sv * sigma + np.where(m_, means[1], means[0]) * rec, 0).astype(np.float32)
@@ -141,25 +155,34 @@ def _fake_state(shape, rng, *, rec, bits=5, sparsity=0.5):
 
 
 def _layer(shape, *, rec, bits=5, sparsity=0.5, seed=0):
-  st, sym, unit = _fake_state(shape, np.random.default_rng(seed), rec=rec, bits=bits, sparsity=sparsity)
+  st, sym, unit = _fake_state(
+    shape, np.random.default_rng(seed), rec=rec, bits=bits, sparsity=sparsity
+  )
   return st, sym, np.asarray(fq.focused_values(sym, st))
 
 
 def _ref_conv(x, k, strides, padding, groups):
   with jax.enable_x64(True):  # float64 is exact for these integer magnitudes (< 2^53)
-    return np.asarray(jax.lax.conv_general_dilated(
-        jnp.asarray(x, jnp.float64), jnp.asarray(k, jnp.float64), strides, padding,
-        dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=groups))
+    return np.asarray(
+      jax.lax.conv_general_dilated(
+        jnp.asarray(x, jnp.float64),
+        jnp.asarray(k, jnp.float64),
+        strides,
+        padding,
+        dimension_numbers=("NHWC", "HWIO", "NHWC"),
+        feature_group_count=groups,
+      )
+    )
 
 
 CASES = [
-    # (name, kernel shape, strides, padding, groups)
-    ("3x3", (3, 3, 6, 8), (1, 1), ((1, 1), (1, 1)), 1),
-    ("1x1", (1, 1, 6, 8), (1, 1), ((0, 0), (0, 0)), 1),
-    ("3x3 stride 2", (3, 3, 6, 8), (2, 2), ((1, 1), (1, 1)), 1),
-    ("7x7 stride 2", (7, 7, 3, 4), (2, 2), ((3, 3), (3, 3)), 1),
-    ("depthwise 3x3", (3, 3, 1, 6), (1, 1), ((1, 1), (1, 1)), 6),
-    ("depthwise stride 2", (3, 3, 1, 6), (2, 2), ((1, 1), (1, 1)), 6),
+  # (name, kernel shape, strides, padding, groups)
+  ("3x3", (3, 3, 6, 8), (1, 1), ((1, 1), (1, 1)), 1),
+  ("1x1", (1, 1, 6, 8), (1, 1), ((0, 0), (0, 0)), 1),
+  ("3x3 stride 2", (3, 3, 6, 8), (2, 2), ((1, 1), (1, 1)), 1),
+  ("7x7 stride 2", (7, 7, 3, 4), (2, 2), ((3, 3), (3, 3)), 1),
+  ("depthwise 3x3", (3, 3, 1, 6), (1, 1), ((1, 1), (1, 1)), 6),
+  ("depthwise stride 2", (3, 3, 1, 6), (2, 2), ((1, 1), (1, 1)), 6),
 ]
 
 
@@ -177,8 +200,10 @@ def test_shift_add_conv_is_exact(name, shape, strides, padding, groups, rec):
   if not rec:
     assert not np.any(np.asarray(m))
   # The accumulators are the float convolution of the decoded weights, exactly rescaled.
-  z = float(layer.alpha) * (float(layer.sigma) * 2.0**-layer.bias * np.asarray(a, np.float64)
-                            + 2.0**-layer.q * np.asarray(m, np.float64))
+  z = float(layer.alpha) * (
+    float(layer.sigma) * 2.0**-layer.bias * np.asarray(a, np.float64)
+    + 2.0**-layer.q * np.asarray(m, np.float64)
+  )
   ref = _ref_conv(x, w, strides, padding, groups)
   np.testing.assert_allclose(z, ref, rtol=0, atol=1e-6 * np.abs(ref).max())
 
@@ -252,7 +277,8 @@ def test_fold_requant_numpy_equals_jax_and_fits_bits():
 def test_bn_affine_numpy_equals_jax():
   rng = np.random.default_rng(1)
   args = [rng.normal(size=500).astype(np.float32) for _ in range(3)] + [
-      rng.uniform(0, 4, 500).astype(np.float32)]
+    rng.uniform(0, 4, 500).astype(np.float32)
+  ]
   gn, hn = I.bn_affine(*args, 1e-5, xp=np)
   gj, hj = jax.jit(lambda *a: I.bn_affine(*a, 1e-5))(*args)
   np.testing.assert_array_equal(gn, gj)
@@ -262,13 +288,20 @@ def test_bn_affine_numpy_equals_jax():
 
 def test_requant_rounds_like_float():
   rng = np.random.default_rng(2)
-  a = rng.integers(-2**20, 2**20, (50, 4)).astype(np.int32)
-  m = rng.integers(-2**12, 2**12, (50, 4)).astype(np.int32)
-  fold = I.fold_requant(np.float32([0.3, -1.7, 2e-3, 5.0]), np.float32([0.1, 0.2, 0.0, -0.4]),
-                        np.float32([0.5, -0.25, 3.0, 0.0]), -12, -6, 16, xp=np)
+  a = rng.integers(-(2**20), 2**20, (50, 4)).astype(np.int32)
+  m = rng.integers(-(2**12), 2**12, (50, 4)).astype(np.int32)
+  fold = I.fold_requant(
+    np.float32([0.3, -1.7, 2e-3, 5.0]),
+    np.float32([0.1, 0.2, 0.0, -0.4]),
+    np.float32([0.5, -0.25, 3.0, 0.0]),
+    -12,
+    -6,
+    16,
+    xp=np,
+  )
   with jax.enable_x64(True):
     y = np.asarray(I.requant(a, m, fold, -10))
-  exact = (fold.ka.astype(np.float64) * a + fold.km * m.astype(np.float64) + fold.c) * 2.0 ** -fold.r
+  exact = (fold.ka.astype(np.float64) * a + fold.km * m.astype(np.float64) + fold.c) * 2.0**-fold.r
   np.testing.assert_array_equal(y, np.floor(exact * 2**10 + 0.5))
 
 
@@ -352,7 +385,9 @@ def test_digits_integer_path_matches_float32_simulation(digits_run):
   assert np.mean(np.argmax(logits, -1) == np.argmax(sim, -1)) >= 0.99
   assert np.mean(np.abs(logits - sim).max(-1) <= 1e-3) >= 0.95
   # The simulation from the file is what the pipeline evaluated.
-  assert np.mean(np.argmax(sim, -1) == y) == pytest.approx(report["compressed"]["accuracy"], abs=1e-9)
+  assert np.mean(np.argmax(sim, -1) == y) == pytest.approx(
+    report["compressed"]["accuracy"], abs=1e-9
+  )
 
 
 def test_digits_op_counts(digits_run):
@@ -368,13 +403,17 @@ def test_digits_op_counts(digits_run):
     assert r["bn_multiplies"] == r["outputs"] * (2 if r["quantizer"] == "recentralized" else 1)
   assert rows["conv1"]["float_macs"] == 8 * 8 * 32 * 9 and rows["fc1"]["float_macs"] == 1024 * 48
   # The head is kept in float by this file: its multiplies are counted, not hidden.
-  assert rows["head"]["kind"] == "float dense" and rows["head"]["multiplies"] == rows["head"]["kept_macs"] > 0
+  assert (
+    rows["head"]["kind"] == "float dense"
+    and rows["head"]["multiplies"] == rows["head"]["kept_macs"] > 0
+  )
   assert ops["total"]["float_layers"] == ["head"]
   assert ops["total"]["multiplies"] == rows["head"]["multiplies"]
 
 
-def _random_file(model, shape, *, seed=0, bn_bits=16, normalize=False, float_kernels=(), name,
-                 **meta):
+def _random_file(
+  model, shape, *, seed=0, bn_bits=16, normalize=False, float_kernels=(), name, **meta
+):
   """An .fqz of `model` with random focused kernels (alternately recentralized and shift),
   random batch norms (with `normalize`, statistics of a batch of the random inputs, which
   keeps deep networks from blowing up), and activation scales calibrated on random inputs."""
@@ -382,8 +421,9 @@ def _random_file(model, shape, *, seed=0, bn_bits=16, normalize=False, float_ker
   x = rng.normal(size=(4, *shape)).astype(np.float32)
   abstract = jax.eval_shape(model.init, jax.random.key(0), x[:1])
   arrays, focus, values = {}, {}, {}
-  for i, (name_, leaf) in enumerate(_flat(jax.tree.map(lambda a: np.zeros(a.shape, a.dtype),
-                                                         abstract)).items()):
+  for i, (name_, leaf) in enumerate(
+    _flat(jax.tree.map(lambda a: np.zeros(a.shape, a.dtype), abstract)).items()
+  ):
     if name_ in float_kernels:  # stored as float32: the integer path multiplies
       arrays[name_] = values[name_] = (rng.normal(size=leaf.shape) * 0.1).astype(np.float32)
     elif name_.endswith("kernel"):
@@ -398,24 +438,36 @@ def _random_file(model, shape, *, seed=0, bn_bits=16, normalize=False, float_ker
       arrays[name_] = (rng.normal(size=leaf.shape) * 0.1).astype(np.float32)
   variables = _tree({**arrays, **values})
   if normalize:  # flax: new = 0.9 old + 0.1 batch
-    _, upd = jax.jit(lambda v, x: model.apply(v, x, train=True, mutable=["batch_stats"]))(variables, x)
+    _, upd = jax.jit(lambda v, x: model.apply(v, x, train=True, mutable=["batch_stats"]))(
+      variables, x
+    )
     for k, v in _flat({"batch_stats": upd["batch_stats"]}).items():
       arrays[k] = ((v - 0.9 * arrays[k]) / 0.1).astype(np.float32)
       if k.endswith("var"):
         arrays[k] = np.maximum(arrays[k], 1e-3)
     variables = _tree({**arrays, **values})
   scales = fq.calibrate_activations(model, variables, [x], bits=8, method="max")
-  md = {"model": name, "dataset": "none", "activation_bits": 8,
-        "activation_scales": I.scales_to_json(scales), "bn_bits": bn_bits, **meta}
+  md = {
+    "model": name,
+    "dataset": "none",
+    "activation_bits": 8,
+    "activation_scales": I.scales_to_json(scales),
+    "bn_bits": bn_bits,
+    **meta,
+  }
   return fq.decode_model(_encode(arrays, focus, md)), x
 
 
-SLOW = pytest.mark.skipif(not os.environ.get("FQ_JAX_SLOW_TESTS"),
-                          reason="about 20 s of compilation; set FQ_JAX_SLOW_TESTS=1 to run")
+SLOW = pytest.mark.skipif(
+  not os.environ.get("FQ_JAX_SLOW_TESTS"),
+  reason="about 20 s of compilation; set FQ_JAX_SLOW_TESTS=1 to run",
+)
 
 
-_SLOW_ARCHS = [pytest.param(a, marks=[pytest.mark.slow, SLOW])
-               for a in ("mobilenet_v2", "mobilenet_v1", "resnet18", "resnet50")]
+_SLOW_ARCHS = [
+  pytest.param(a, marks=[pytest.mark.slow, SLOW])
+  for a in ("mobilenet_v2", "mobilenet_v1", "resnet18", "resnet50")
+]
 
 
 @pytest.mark.parametrize("arch", ["cifar_resnet8", *_SLOW_ARCHS])
@@ -423,17 +475,25 @@ def test_integer_path_other_architectures(arch):
   float_kernels = ()
   if arch == "cifar_resnet8":  # option-A shortcuts, 4x4 global pooling (a shift), a float conv
     float_kernels = ("params/stage2_block0/conv1/kernel",)
-    decoded, x = _random_file(models.CifarResNet(depth=8), (16, 16, 3), name="cifar_resnet",
-                              depth=8, float_kernels=float_kernels)
+    decoded, x = _random_file(
+      models.CifarResNet(depth=8),
+      (16, 16, 3),
+      name="cifar_resnet",
+      depth=8,
+      float_kernels=float_kernels,
+    )
   elif arch == "mobilenet_v2":  # depthwise convolutions, ReLU6, linear bottlenecks, residual adds
-    decoded, x = _random_file(models.mobilenet_v2(num_classes=10, width=0.25), (16, 16, 3),
-                              name="mobilenet_v2", width=0.25)
+    decoded, x = _random_file(
+      models.mobilenet_v2(num_classes=10, width=0.25), (16, 16, 3), name="mobilenet_v2", width=0.25
+    )
   elif arch == "mobilenet_v1":
-    decoded, x = _random_file(models.mobilenet_v1(num_classes=10, width=0.25), (32, 32, 3),
-                              name="mobilenet_v1", width=0.25)
+    decoded, x = _random_file(
+      models.mobilenet_v1(num_classes=10, width=0.25), (32, 32, 3), name="mobilenet_v1", width=0.25
+    )
   else:  # 7x7 stride-2 stem, max-pool, projection shortcuts, 1x1 global pooling
-    decoded, x = _random_file(models.get_model(arch, num_classes=10), (32, 32, 3), name=arch,
-                              normalize=True)
+    decoded, x = _random_file(
+      models.get_model(arch, num_classes=10), (32, 32, 3), name=arch, normalize=True
+    )
   with jax.enable_x64(True):
     ref = IM.float_logits_fn(decoded, dtype=jnp.float64)(x)
   logits = fq.IntegerModel(decoded, check_overflow=True)(x)
@@ -447,13 +507,17 @@ def test_integer_path_other_architectures(arch):
       assert r["arithmetic"] == "float" and r["multiplies"] == r["kept_macs"] > 0
     else:
       assert r["arithmetic"] == "integer" and r["multiplies"] == 0
-  assert ops["total"]["multiplies"] == sum(r["multiplies"] for r in ops["layers"] if r["layer"] in floats)
+  assert ops["total"]["multiplies"] == sum(
+    r["multiplies"] for r in ops["layers"] if r["layer"] in floats
+  )
 
 
 def test_model_spec_inference_without_metadata(digits_run):
   decoded = digits_run[0]
   spec = IM.model_spec(decoded)
-  assert spec.name == "digits_cnn" and spec.kwargs["num_classes"] == 10 and spec.activation_bits == 8
+  assert (
+    spec.name == "digits_cnn" and spec.kwargs["num_classes"] == 10 and spec.activation_bits == 8
+  )
   bare = fq.decode_model(fq.encode_model({k: np.asarray(v) for k, v in decoded.arrays.items()}))
   spec = IM.model_spec(bare)
   assert spec.name == "digits_cnn" and spec.activation_bits == 0 and spec.dataset is None
@@ -484,8 +548,12 @@ def test_cli_evaluate_errors(digits_run, tmp_path, capsys):
   err = capsys.readouterr().err
   assert err.count("\n") == 1 and "no such file" in err
   bare = tmp_path / "bare.fqz"
-  bare.write_bytes(fq.encode_model({k: np.asarray(v) for k, v in decoded.arrays.items()},
-                                   metadata={"model": "digits_cnn", "dataset": "digits"}))
+  bare.write_bytes(
+    fq.encode_model(
+      {k: np.asarray(v) for k, v in decoded.arrays.items()},
+      metadata={"model": "digits_cnn", "dataset": "digits"},
+    )
+  )
   assert cli_main(["evaluate", str(bare), "--integer"]) == 1
   err = capsys.readouterr().err
   assert err.count("\n") == 1 and "activation scales" in err

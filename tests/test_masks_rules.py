@@ -1,4 +1,5 @@
 """Selection rules, magnitude masks and DNS hysteresis."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -10,14 +11,18 @@ import fq_jax as fq
 def tree():
   rng = np.random.default_rng(0)
   return {
-      "params": {
-          "conv_init": {"kernel": jnp.asarray(rng.normal(size=(3, 3, 3, 16)), jnp.float32)},
-          "block": {"conv": {"kernel": jnp.asarray(rng.normal(size=(3, 3, 16, 16)), jnp.float32)},
-                    "bn": {"scale": jnp.ones(16), "bias": jnp.zeros(16)}},
-          "head": {"kernel": jnp.asarray(rng.normal(size=(16, 10)), jnp.float32),
-                   "bias": jnp.zeros(10)},
+    "params": {
+      "conv_init": {"kernel": jnp.asarray(rng.normal(size=(3, 3, 3, 16)), jnp.float32)},
+      "block": {
+        "conv": {"kernel": jnp.asarray(rng.normal(size=(3, 3, 16, 16)), jnp.float32)},
+        "bn": {"scale": jnp.ones(16), "bias": jnp.zeros(16)},
       },
-      "batch_stats": {"block": {"bn": {"mean": jnp.zeros(16), "var": jnp.ones(16)}}},
+      "head": {
+        "kernel": jnp.asarray(rng.normal(size=(16, 10)), jnp.float32),
+        "bias": jnp.zeros(10),
+      },
+    },
+    "batch_stats": {"block": {"bn": {"mean": jnp.zeros(16), "var": jnp.ones(16)}}},
   }
 
 
@@ -72,8 +77,16 @@ def test_magnitude_mask_prunes_exact_count_of_smallest(sparsity):
 def test_global_scope_shares_one_threshold():
   t = tree()
   masks = fq.magnitude_masks(t, 0.6, scope="global")
-  ws = [t["params"]["conv_init"]["kernel"], t["params"]["block"]["conv"]["kernel"], t["params"]["head"]["kernel"]]
-  ms = [masks["params"]["conv_init"]["kernel"], masks["params"]["block"]["conv"]["kernel"], masks["params"]["head"]["kernel"]]
+  ws = [
+    t["params"]["conv_init"]["kernel"],
+    t["params"]["block"]["conv"]["kernel"],
+    t["params"]["head"]["kernel"],
+  ]
+  ms = [
+    masks["params"]["conv_init"]["kernel"],
+    masks["params"]["block"]["conv"]["kernel"],
+    masks["params"]["head"]["kernel"],
+  ]
   pruned = np.concatenate([np.abs(np.asarray(w))[~np.asarray(m)] for w, m in zip(ws, ms)])
   kept = np.concatenate([np.abs(np.asarray(w))[np.asarray(m)] for w, m in zip(ws, ms)])
   total = sum(w.size for w in ws)
@@ -101,7 +114,9 @@ def test_dns_hysteresis_hand_built():
 def test_dns_threshold_formula_and_target():
   w = jnp.asarray(np.random.default_rng(2).normal(size=1000), jnp.float32)
   a = np.abs(np.asarray(w)).astype(np.float64)
-  np.testing.assert_allclose(fq.dns_threshold(w, sensitivity=0.5), a.mean() + 0.5 * a.std(), rtol=1e-5)
+  np.testing.assert_allclose(
+    fq.dns_threshold(w, sensitivity=0.5), a.mean() + 0.5 * a.std(), rtol=1e-5
+  )
   t = float(fq.dns_threshold(w, sparsity=0.7))
   assert abs(np.mean(a <= t) - 0.7) < 2e-3
 
@@ -133,4 +148,6 @@ def test_masks_are_jittable():
   t = tree()
   masks = jax.jit(lambda p: fq.magnitude_masks(p, 0.5))(t)
   again = jax.jit(lambda p, m: fq.dns_masks(p, m, sensitivity=0.1))(t, masks)
-  assert jax.tree.structure(masks, is_leaf=lambda x: x is None) == jax.tree.structure(again, is_leaf=lambda x: x is None)
+  assert jax.tree.structure(masks, is_leaf=lambda x: x is None) == jax.tree.structure(
+    again, is_leaf=lambda x: x is None
+  )

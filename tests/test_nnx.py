@@ -45,20 +45,29 @@ def test_nnx_model_through_masks_and_focused_quantization():
   params = nnx.to_pure_dict(param_state)
   stats = nnx.to_pure_dict(stat_state)
   assert set(jax.tree.leaves(fq.leaf_paths(params))) == {
-      "bn/bias", "bn/scale", "conv/kernel", "fc/bias", "fc/kernel"}
+    "bn/bias",
+    "bn/scale",
+    "conv/kernel",
+    "fc/bias",
+    "fc/kernel",
+  }
 
   masks = fq.magnitude_masks(params, 0.7)
   assert masks["conv"]["kernel"] is not None and masks["fc"]["bias"] is None
   params = fq.apply_masks(params, masks)
-  tx = fq.focused_quantization(optax.sgd(0.05, momentum=0.9), bits=5,
-                               schedule=fq.inq_schedule(4, refit_every=4), seed=0)
+  tx = fq.focused_quantization(
+    optax.sgd(0.05, momentum=0.9), bits=5, schedule=fq.inq_schedule(4, refit_every=4), seed=0
+  )
   opt_state = tx.init(params)
 
   @jax.jit
   def train_step(params, stats, opt_state, x, y):
     def loss_fn(p):
-      model = nnx.merge(graphdef, _with_values(param_state, fq.quantized(p, opt_state)),
-                        _with_values(stat_state, stats))
+      model = nnx.merge(
+        graphdef,
+        _with_values(param_state, fq.quantized(p, opt_state)),
+        _with_values(stat_state, stats),
+      )
       model.train()
       logits = model(x)
       new_stats = nnx.to_pure_dict(nnx.state(model, nnx.BatchStat))
@@ -71,7 +80,9 @@ def test_nnx_model_through_masks_and_focused_quantization():
   ds = load_digits()
   losses = []
   for batch in list(epoch_batches(*ds.train, 64, epoch=0, seed=0)):
-    params, stats, opt_state, loss = train_step(params, stats, opt_state, batch["image"], batch["label"])
+    params, stats, opt_state, loss = train_step(
+      params, stats, opt_state, batch["image"], batch["label"]
+    )
     losses.append(float(loss))
   assert losses[-1] < losses[0]
   assert fq.quantized_fraction(opt_state) == 1.0  # all four INQ boundaries passed
@@ -83,7 +94,7 @@ def test_nnx_model_through_masks_and_focused_quantization():
   assert not np.allclose(np.asarray(stats["bn"]["mean"]), 0.0)
   q = fq.quantized(params, opt_state)
   kept = np.asarray(q["conv"]["kernel"])[np.asarray(masks["conv"]["kernel"])]
-  assert len(np.unique(kept)) <= 2 * (2 ** 3 + 1)
+  assert len(np.unique(kept)) <= 2 * (2**3 + 1)
   rows = fq.layer_report(params, opt_state)
   assert [r["path"] for r in rows] == ["conv/kernel", "fc/kernel"]
 

@@ -14,16 +14,32 @@ import numpy as np
 import pytest
 
 import fq_jax as fq
-from fq_jax.pipeline import ConfigError, configuration as cfg, steps as steps_lib, train_lib
+from fq_jax.pipeline import ConfigError, train_lib
+from fq_jax.pipeline import configuration as cfg
+from fq_jax.pipeline import steps as steps_lib
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # the configs/ package, as train.py sees it
 
-from configs import cifar10_resnet, default, digits  # noqa: E402
-from configs import imagenet_mobilenet_v1, imagenet_mobilenet_v2, imagenet_resnet18, imagenet_resnet50  # noqa: E402
+from configs import (  # noqa: E402  # noqa: E402
+  cifar10_resnet,
+  default,
+  digits,
+  imagenet_mobilenet_v1,
+  imagenet_mobilenet_v2,
+  imagenet_resnet18,
+  imagenet_resnet50,
+)
 
-ALL_CONFIGS = (default, digits, cifar10_resnet, imagenet_resnet18, imagenet_resnet50,
-               imagenet_mobilenet_v1, imagenet_mobilenet_v2)
+ALL_CONFIGS = (
+  default,
+  digits,
+  cifar10_resnet,
+  imagenet_resnet18,
+  imagenet_resnet50,
+  imagenet_mobilenet_v1,
+  imagenet_mobilenet_v2,
+)
 
 
 def _flat_keys(d, prefix=""):
@@ -43,18 +59,39 @@ def test_configs_validate_and_share_keys(module):
   assert _flat_keys(config.to_dict()) == _flat_keys(default.get_config().to_dict())
 
 
-CONTRACT_KEYS = ("init_from", "model.depth", "dense_epochs", "prune.method", "prune.sparsity",
-                 "prune_epochs", "quant.bits", "quant.w_sep", "quant_epochs_per_step", "batch_size",
-                 "learning_rate", "seed", "model.name", "dataset.name", "quant.inq_order",
-                 "quant.refit_every_epochs", "quant.rules", "checkpoint_every_steps",
-                 "eval_batch_size", "weight_decay", "momentum", "log_every")
+CONTRACT_KEYS = (
+  "init_from",
+  "model.depth",
+  "dense_epochs",
+  "prune.method",
+  "prune.sparsity",
+  "prune_epochs",
+  "quant.bits",
+  "quant.w_sep",
+  "quant_epochs_per_step",
+  "batch_size",
+  "learning_rate",
+  "seed",
+  "model.name",
+  "dataset.name",
+  "quant.inq_order",
+  "quant.refit_every_epochs",
+  "quant.rules",
+  "checkpoint_every_steps",
+  "eval_batch_size",
+  "weight_decay",
+  "momentum",
+  "log_every",
+)
 
 
 def test_contract_keys_exist():
   assert set(CONTRACT_KEYS) <= _flat_keys(default.get_config().to_dict())
 
 
-@pytest.mark.parametrize("key, value, match", [
+@pytest.mark.parametrize(
+  "key, value, match",
+  [
     ("prune.sparsity", 1.0, "prune.sparsity"),
     ("prune.sparsity", -0.1, "prune.sparsity"),
     ("quant.bits", 1, "quant.bits"),
@@ -70,7 +107,8 @@ def test_contract_keys_exist():
     ("quant.rules", ("conv1:colour=red",), "quant.rules"),
     ("quant.rules", ("no colon",), "quant.rules"),
     ("model.depth", 20, "model.depth"),
-])
+  ],
+)
 def test_validate_names_the_bad_key(key, value, match):
   config = digits.get_config()
   node = config
@@ -93,7 +131,11 @@ def test_parse_rule():
   with config.ignore_type():
     config.quant.rules = "a/kernel$:bits=6; b/kernel$:quantize=no"  # one string works too
   rules = cfg.compression_rules(config)
-  assert [r.pattern for r in rules] == ["a/kernel$", "b/kernel$", *[r.pattern for r in fq.DEFAULT_RULES]]
+  assert [r.pattern for r in rules] == [
+    "a/kernel$",
+    "b/kernel$",
+    *[r.pattern for r in fq.DEFAULT_RULES],
+  ]
   assert rules[1].quantize is False
 
 
@@ -115,11 +157,15 @@ def test_quant_steps_follow_the_paper_ratio():
 
 
 def test_stage_schedule_restarts_and_steps():
-  s = steps_lib.stage_schedule("step", 1e-3, 200, decay_steps=30, decay_factor=0.5, restarts=(30, 60))
+  s = steps_lib.stage_schedule(
+    "step", 1e-3, 200, decay_steps=30, decay_factor=0.5, restarts=(30, 60)
+  )
   got = [float(s(i)) for i in (0, 29, 30, 59, 60, 89, 90, 120)]
   np.testing.assert_allclose(got, [1e-3, 1e-3, 1e-3, 1e-3, 1e-3, 1e-3, 5e-4, 2.5e-4], rtol=1e-6)
   c = steps_lib.stage_schedule("cosine", 0.1, 100)
-  np.testing.assert_allclose([float(c(0)), float(c(50)), float(c(100))], [0.1, 0.05, 0.0], atol=1e-7)
+  np.testing.assert_allclose(
+    [float(c(0)), float(c(50)), float(c(100))], [0.1, 0.05, 0.0], atol=1e-7
+  )
 
 
 def test_keep_pruned_never_revives_weights():
@@ -152,18 +198,33 @@ def test_config_differences_ignore_volatile_keys():
 
 def _train_py(*args, cwd=REPO, timeout=120):
   env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-  return subprocess.run([sys.executable, "train.py", *args], cwd=cwd, capture_output=True,
-                        text=True, timeout=timeout, env=env)
+  return subprocess.run(
+    [sys.executable, "train.py", *args],
+    cwd=cwd,
+    capture_output=True,
+    text=True,
+    timeout=timeout,
+    env=env,
+  )
 
 
-@pytest.mark.parametrize("args, expected", [
+@pytest.mark.parametrize(
+  "args, expected",
+  [
     (["--config.bogus=1"], "error: unknown config key 'bogus'"),
-    (["--config=configs/cifar10_resnet.py", "--config.prune.bogus=1"], "error: unknown config key 'prune.bogus'"),
+    (
+      ["--config=configs/cifar10_resnet.py", "--config.prune.bogus=1"],
+      "error: unknown config key 'prune.bogus'",
+    ),
     (["--config.prune.sparsity=1.5"], "error: prune.sparsity: must be in [0, 1)"),
-    (["--config.init_from=/nonexistent/r20.npz"], "error: init_from: file not found: /nonexistent/r20.npz"),
+    (
+      ["--config.init_from=/nonexistent/r20.npz"],
+      "error: init_from: file not found: /nonexistent/r20.npz",
+    ),
     (["--config.quant.bits=five"], "error: flag --config.quant.bits=five"),
     (["--config=configs/missing.py"], "error: config: cannot load configs/missing.py"),
-])
+  ],
+)
 def test_train_py_bad_config_is_one_line(args, expected, tmp_path):
   result = _train_py(f"--workdir={tmp_path / 'w'}", *args)
   assert result.returncode != 0
@@ -215,7 +276,12 @@ def test_magnitude_pruning_and_post_training_quantization(tmp_path):
     assert c["roundtrip_exact"]
   assert c["compression_ratio"] == pytest.approx(d["float32_bytes"] / c["artifact_bytes"])
   assert c["compression_ratio"] > 10 and c["paper_style_compression_ratio"] > c["compression_ratio"]
-  assert [r["path"] for r in on_disk["layers"]] == ["conv1/kernel", "conv2/kernel", "fc1/kernel", "head/kernel"]
+  assert [r["path"] for r in on_disk["layers"]] == [
+    "conv1/kernel",
+    "conv2/kernel",
+    "fc1/kernel",
+    "head/kernel",
+  ]
   assert all(r["kept"] < r["size"] for r in on_disk["layers"])
   assert set(on_disk["seconds"]) >= {"dense", "prune", "quantize", "evaluate", "encode"}
   text = "\n".join(lines)
@@ -237,8 +303,15 @@ def test_reference_only_trains_float_for_the_same_steps(tmp_path):
 
 
 def test_prune_only_without_quantization(tmp_path):
-  config = _tiny_digits(**{"dense_epochs": 0.0, "prune_epochs": 0.0, "prune.method": "magnitude",
-                           "prune.sparsity": 0.9, "quant.enabled": False})
+  config = _tiny_digits(
+    **{
+      "dense_epochs": 0.0,
+      "prune_epochs": 0.0,
+      "prune.method": "magnitude",
+      "prune.sparsity": 0.9,
+      "quant.enabled": False,
+    }
+  )
   report = train_lib.run(config, str(tmp_path), log=lambda s: None)
   c = report["compressed"]
   assert c["bits"] == 32 and c["accuracy"] == report["pruned"]["accuracy"]
@@ -258,7 +331,9 @@ def test_init_from_flat_npz(tmp_path):
   config.init_from = path
   ctx = train_lib.make_context(config, str(tmp_path))
   loaded = train_lib.initial_variables(ctx)
-  assert jax.tree.all(jax.tree.map(lambda a, b: bool(np.array_equal(a, b)), loaded, dict(variables)))
+  assert jax.tree.all(
+    jax.tree.map(lambda a, b: bool(np.array_equal(a, b)), loaded, dict(variables))
+  )
   other = jax.tree.map(lambda x: np.zeros((2, *x.shape), x.dtype), dict(variables))  # wrong shapes
   checkpoint.save_variables_npz(path, other)
   with pytest.raises(ConfigError, match="^init_from: .* does not match"):

@@ -12,7 +12,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from configs import imagenet_mobilenet_v2, imagenet_resnet18  # noqa: E402
-from fq_jax.pipeline import configuration as cfg, train_lib  # noqa: E402
+from fq_jax.pipeline import configuration as cfg  # noqa: E402
+from fq_jax.pipeline import train_lib  # noqa: E402
 
 tfds = pytest.importorskip("tensorflow_datasets")
 
@@ -57,23 +58,33 @@ def test_resnet18_on_mock_imagenet(tmp_path):
   kinds = {r["path"]: r["kind"] for r in on_disk["layers"]}
   assert len(kinds) == 21  # 20 convolutions and the classifier
   assert kinds["stage1_block0/conv1/kernel"] == "pruned"
-  assert kinds["conv_init/kernel"] in ("recentralized", "shift") and kinds["head/kernel"] in ("recentralized", "shift")
+  assert kinds["conv_init/kernel"] in ("recentralized", "shift") and kinds["head/kernel"] in (
+    "recentralized",
+    "shift",
+  )
   rows = (tmp_path / "metrics.csv").read_text().splitlines()
   assert sum(r.startswith("prune,") and ",train," in r for r in rows) == 1
 
 
 def test_mobilenet_rules_leave_depthwise_unpruned():
   import jax
+  import jax.numpy as jnp
+
   import fq_jax as fq
   from fq_jax.models import get_model
-  import jax.numpy as jnp
 
   config = imagenet_mobilenet_v2.get_config()
   rules = cfg.compression_rules(config)
   model = get_model("mobilenet_v2")
-  shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3))))["params"]
-  specs = {s.path: s for s in jax.tree.leaves(fq.resolve(shapes, rules, sparsity=config.prune.sparsity,
-                                                          bits=config.quant.bits))}
+  shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3))))[
+    "params"
+  ]
+  specs = {
+    s.path: s
+    for s in jax.tree.leaves(
+      fq.resolve(shapes, rules, sparsity=config.prune.sparsity, bits=config.quant.bits)
+    )
+  }
   dw = [s for p, s in specs.items() if "dw_conv" in p]
   pw = [s for p, s in specs.items() if "project_conv" in p]
   assert dw and all(not s.prune and s.quantize and s.bits == 7 for s in dw)

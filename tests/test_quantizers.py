@@ -1,4 +1,5 @@
 """Shift (Eq. 1) and recentralized (Eq. 2) quantizers against brute-force oracles."""
+
 import hypothesis
 import hypothesis.extra.numpy as hnp
 import hypothesis.strategies as st
@@ -14,8 +15,9 @@ import fq_jax as fq
 focus = jax.jit(fq.focus, static_argnames=("bits", "w_sep", "recentralize"))
 shift_quantize = jax.jit(fq.shift_quantize, static_argnames=("bits",))
 quantize = jax.jit(fq.focused_quantize)
-quantize_grad = jax.jit(jax.grad(
-    lambda w, state: jnp.sum(fq.focused_quantize(w, state).astype(jnp.float32))))
+quantize_grad = jax.jit(
+  jax.grad(lambda w, state: jnp.sum(fq.focused_quantize(w, state).astype(jnp.float32)))
+)
 
 
 def brute_force_shift(x, bits, bias):
@@ -25,26 +27,35 @@ def brute_force_shift(x, bits, bias):
   levels = np.concatenate([-mags[:0:-1], mags])
   d = np.abs(levels[None, :] - x.astype(np.float64)[:, None])
   # Among equidistant levels prefer the larger magnitude.
-  best = np.where(d == d.min(axis=1, keepdims=True), -np.abs(levels)[None, :], np.inf).argmin(axis=1)
+  best = np.where(d == d.min(axis=1, keepdims=True), -np.abs(levels)[None, :], np.inf).argmin(
+    axis=1
+  )
   return levels[best]
 
 
-@given(st.integers(2, 8), st.integers(-10, 20),
-       hnp.arrays(np.float32, 64, elements=st.floats(-64, 64, width=32, allow_subnormal=False)))
+@given(
+  st.integers(2, 8),
+  st.integers(-10, 20),
+  hnp.arrays(np.float32, 64, elements=st.floats(-64, 64, width=32, allow_subnormal=False)),
+)
 def test_shift_quantize_is_nearest_representable_value(bits, bias, x):
   q = np.asarray(shift_quantize(jnp.asarray(x), bits=bits, bias=bias))
   np.testing.assert_array_equal(q, brute_force_shift(x, bits, bias).astype(np.float32))
 
 
 def test_shift_quantize_docstring_values_and_midpoints():
-  q = fq.shift_quantize(jnp.array([0.3, -0.7, 5.0, 0.01, 0.0625, 0.06249, 0.375, 0.37]), bits=4, bias=3)
+  q = fq.shift_quantize(
+    jnp.array([0.3, -0.7, 5.0, 0.01, 0.0625, 0.06249, 0.375, 0.37]), bits=4, bias=3
+  )
   # 0.0625 is the zero/0.125 midpoint (ties up), 0.375 the 0.25/0.5 midpoint.
   np.testing.assert_array_equal(q, [0.25, -0.5, 1.0, 0.0, 0.125, 0.0, 0.5, 0.25])
 
 
-@given(st.integers(2, 8),
-       hnp.arrays(np.float32, st.integers(1, 300), elements=st.floats(-10, 10, width=32)),
-       st.floats(0, 1))
+@given(
+  st.integers(2, 8),
+  hnp.arrays(np.float32, st.integers(1, 300), elements=st.floats(-10, 10, width=32)),
+  st.floats(0, 1),
+)
 def test_overflow_bias_bound_and_maximality(bits, x, keep):
   mask = np.arange(x.size) < max(1, int(keep * x.size))
   b = int(fq.overflow_bias(jnp.asarray(x), bits=bits, mask=jnp.asarray(mask)))
@@ -63,7 +74,9 @@ def test_overflow_bias_bound_and_maximality(bits, x, keep):
 
 def test_overflow_bias_bfloat16_and_jit():
   x = jnp.linspace(-1, 1, 101, dtype=jnp.bfloat16)
-  assert int(jax.jit(lambda x: fq.overflow_bias(x, bits=5))(x)) == int(fq.overflow_bias(x.astype(jnp.float32), bits=5))
+  assert int(jax.jit(lambda x: fq.overflow_bias(x, bits=5))(x)) == int(
+    fq.overflow_bias(x.astype(jnp.float32), bits=5)
+  )
 
 
 def _layer(seed=0, shape=(32, 48), sparsity=0.6, scale=0.05, bimodal=True):
@@ -87,7 +100,9 @@ def check_representable(q, state):
   b = int(state.bias)
   sigma = np.float32(state.sigma) if rec else np.float32(1)
   mus = np.asarray(state.means, np.float32) if rec else np.zeros(2, np.float32)
-  candidates = [np.float32(0)] + [np.float32(s * 2.0 ** (e - b)) for e in range(2**k) for s in (1, -1)]
+  candidates = [np.float32(0)] + [
+    np.float32(s * 2.0 ** (e - b)) for e in range(2**k) for s in (1, -1)
+  ]
   values = {np.float32(alpha * (np.float32(c * sigma) + mu)) for c in candidates for mu in mus}
   assert set(np.unique(q[mask]).tolist()) <= {float(v) for v in values}
   return values
@@ -188,11 +203,11 @@ def test_values_decode_symbols_exactly():
 
 
 @given(
-    st.sampled_from([(0,), (1,), (7,), (3, 5), (2, 3, 4, 5)]),
-    st.sampled_from([jnp.float32, jnp.bfloat16]),
-    st.sampled_from([0.0, 0.5, 0.9, 1.0]),
-    st.sampled_from([2, 3, 5, 8]),
-    st.integers(0, 2**16),
+  st.sampled_from([(0,), (1,), (7,), (3, 5), (2, 3, 4, 5)]),
+  st.sampled_from([jnp.float32, jnp.bfloat16]),
+  st.sampled_from([0.0, 0.5, 0.9, 1.0]),
+  st.sampled_from([2, 3, 5, 8]),
+  st.integers(0, 2**16),
 )
 @hypothesis.settings(max_examples=20)
 def test_property_shapes_dtypes_sparsities(shape, dtype, sparsity, bits, seed):
@@ -222,8 +237,9 @@ def test_bits_out_of_range_is_a_clear_error():
 
 def test_round_to_power_of_two():
   np.testing.assert_array_equal(
-      fq.round_to_power_of_two(jnp.array([0.3, -0.37, 0.375, 0.0, 3.0, -5.9])),
-      [0.25, -0.25, 0.5, 0.0, 4.0, -4.0])
+    fq.round_to_power_of_two(jnp.array([0.3, -0.37, 0.375, 0.0, 3.0, -5.9])),
+    [0.25, -0.25, 0.5, 0.0, 4.0, -4.0],
+  )
 
 
 def test_focus_under_jit_and_vmap():

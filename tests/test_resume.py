@@ -17,21 +17,36 @@ REPO = Path(__file__).resolve().parents[1]
 # Small digits schedule: 2 dense epochs (42 steps), 1 prune epoch (21, DNS),
 # INQ steps of half an epoch (4 x 10 + 10 final = 50 updates, mixtures
 # refitted after 10 and 30); a checkpoint every 8 updates and at every stage end.
-ARGS = ("--config.dense_epochs=2", "--config.prune_epochs=1", "--config.quant_epochs_per_step=0.5",
-        "--config.quant.final_epochs=0.5", "--config.checkpoint_every_steps=8",
-        "--config.progress_bar=false")
+ARGS = (
+  "--config.dense_epochs=2",
+  "--config.prune_epochs=1",
+  "--config.quant_epochs_per_step=0.5",
+  "--config.quant.final_epochs=0.5",
+  "--config.checkpoint_every_steps=8",
+  "--config.progress_bar=false",
+)
 
 
 def _env(cache: Path) -> dict[str, str]:
   # A shared persistent compilation cache: the restarted runs reuse the
   # executables compiled by the first run instead of compiling again.
-  return {**os.environ, "JAX_PLATFORMS": "cpu", "FQ_JAX_COMPILATION_CACHE": str(cache),
-          "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
+  return {
+    **os.environ,
+    "JAX_PLATFORMS": "cpu",
+    "FQ_JAX_COMPILATION_CACHE": str(cache),
+    "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+  }
 
 
 def _start(workdir: Path, cache: Path) -> subprocess.Popen:
-  return subprocess.Popen([sys.executable, "train.py", f"--workdir={workdir}", *ARGS], cwd=REPO,
-                          env=_env(cache), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+  return subprocess.Popen(
+    [sys.executable, "train.py", f"--workdir={workdir}", *ARGS],
+    cwd=REPO,
+    env=_env(cache),
+    stdout=subprocess.PIPE,
+    stderr=subprocess.STDOUT,
+    text=True,
+  )
 
 
 def _finish(proc: subprocess.Popen, timeout: float = 240) -> str:
@@ -40,7 +55,9 @@ def _finish(proc: subprocess.Popen, timeout: float = 240) -> str:
   return out
 
 
-def _kill_after_checkpoint(workdir: Path, cache: Path, checkpoint: int, timeout: float = 180) -> None:
+def _kill_after_checkpoint(
+  workdir: Path, cache: Path, checkpoint: int, timeout: float = 180
+) -> None:
   """Starts a run and SIGKILLs it as soon as checkpoint `checkpoint` is complete."""
   proc = _start(workdir, cache)
   target = workdir / "checkpoints" / str(checkpoint)
@@ -94,6 +111,7 @@ def test_checkpoints_restore_every_position_exactly(tmp_path, method):
   """Mid-stage states of dense training and pruning come back bit for bit."""
   import jax
   import numpy as np
+
   sys.path.insert(0, str(REPO))
   from configs import digits
   from fq_jax.pipeline import train_lib
@@ -128,16 +146,18 @@ def test_changed_config_does_not_resume(tmp_path):
   (workdir / "checkpoints").mkdir(parents=True)
   # A workdir whose newest checkpoint was written with other settings.
   import jax.numpy as jnp
+
   sys.path.insert(0, str(REPO))
   from configs import digits
-  from fq_jax.pipeline import ConfigError, checkpoint, configuration
-  from fq_jax.pipeline import train_lib
+  from fq_jax.pipeline import ConfigError, checkpoint, configuration, train_lib
 
   config = digits.get_config()
   saved = configuration.config_json(config)
   saved["prune"]["sparsity"] = 0.5
   ckpt = checkpoint.Checkpoints(str(workdir / "checkpoints"), async_save=False)
-  ckpt.save({"params": {"w": jnp.zeros(2)}}, {"position": {"stage": "prune", "step": 0}, "config": saved})
+  ckpt.save(
+    {"params": {"w": jnp.zeros(2)}}, {"position": {"stage": "prune", "step": 0}, "config": saved}
+  )
   ckpt.close()
   with pytest.raises(ConfigError, match="^workdir: .*prune.sparsity"):
     train_lib.run(config, str(workdir), log=lambda s: None)

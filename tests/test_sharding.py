@@ -89,11 +89,12 @@ SCRIPT = textwrap.dedent("""
 def test_eight_devices_match_one_device():
   env = {**os.environ, "JAX_PLATFORMS": "cpu"}
   env.pop("XLA_FLAGS", None)
-  result = subprocess.run([sys.executable, "-c", SCRIPT], cwd=REPO, capture_output=True, text=True,
-                          timeout=300, env=env)
+  result = subprocess.run(
+    [sys.executable, "-c", SCRIPT], cwd=REPO, capture_output=True, text=True, timeout=300, env=env
+  )
   assert result.returncode == 0, result.stderr[-3000:]
   line = next(l for l in result.stdout.splitlines() if l.startswith("RESULT "))
-  out = json.loads(line[len("RESULT "):])
+  out = json.loads(line[len("RESULT ") :])
   # Only the order of the cross-device sums differs: float32 rounding (the
   # masks, assignments and INQ sets, compared by count, are identical).
   assert out["max_diff"] < 1e-5, out

@@ -1,4 +1,5 @@
 """The optax wrappers: masks, INQ, re-estimation, alphas, composition, checkpoints."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -12,17 +13,21 @@ import fq_jax as fq
 def make_params(dtype=jnp.float32, sparsity=0.7):
   k1, k2 = jax.random.split(jax.random.key(0))
   params = {
-      "conv": {"kernel": (jax.random.normal(k1, (3, 3, 8, 16)) * 0.1).astype(dtype),
-               "bias": jnp.zeros(16, dtype)},
-      "dense": {"kernel": (jax.random.normal(k2, (64, 10)) * 0.1).astype(dtype)},
+    "conv": {
+      "kernel": (jax.random.normal(k1, (3, 3, 8, 16)) * 0.1).astype(dtype),
+      "bias": jnp.zeros(16, dtype),
+    },
+    "dense": {"kernel": (jax.random.normal(k2, (64, 10)) * 0.1).astype(dtype)},
   }
   return fq.apply_masks(params, fq.magnitude_masks(params, sparsity))
 
 
 def loss_fn(p):
   """A well-posed regression: move every kept weight 10% outwards."""
-  return sum(jnp.sum((a.astype(jnp.float32) - t) ** 2)
-             for a, t in zip(jax.tree.leaves(p), jax.tree.leaves(TARGET)))
+  return sum(
+    jnp.sum((a.astype(jnp.float32) - t) ** 2)
+    for a, t in zip(jax.tree.leaves(p), jax.tree.leaves(TARGET))
+  )
 
 
 def run(tx, params, steps):
@@ -117,7 +122,9 @@ def test_inq_error_order_takes_smallest_quantization_error_first():
 
 def test_refit_interval_grows_exponentially():
   params = make_params()
-  tx = fq.focused_quantization(optax.sgd(0.01), schedule=fq.QuantSchedule(refit_every=2, refit_growth=2.0))
+  tx = fq.focused_quantization(
+    optax.sgd(0.01), schedule=fq.QuantSchedule(refit_every=2, refit_growth=2.0)
+  )
   state = tx.init(params)
   refits = []
 
@@ -141,8 +148,12 @@ def test_refit_resamples_assignments_and_keeps_alpha():
   rng = np.random.default_rng(0)
   x = np.where(rng.random((64, 64)) < 0.5, -1.0, 1.0) + rng.normal(0, 0.7, (64, 64))
   params = {"kernel": jnp.asarray(x, jnp.float32)}
-  tx = fq.focused_quantization(optax.sgd(0.01), schedule=fq.QuantSchedule(refit_every=1),
-                               alpha_optimizer=optax.sgd(1e-3), masks={"kernel": jnp.ones((64, 64), bool)})
+  tx = fq.focused_quantization(
+    optax.sgd(0.01),
+    schedule=fq.QuantSchedule(refit_every=1),
+    alpha_optimizer=optax.sgd(1e-3),
+    masks={"kernel": jnp.ones((64, 64), bool)},
+  )
   s0 = tx.init(params)
   grads = jax.grad(lambda p: jnp.sum(fq.quantized(p, s0)["kernel"] ** 2))(params)
   _, s1 = tx.update(grads, s0, params)
@@ -160,11 +171,17 @@ def test_alpha_learns_its_true_gradient():
   tx = fq.focused_quantization(optax.sgd(0.0), alpha_optimizer=optax.sgd(lr))
   state = tx.init(params)
   f = state.focus["dense"]["kernel"]
-  expected = jax.grad(lambda a: loss_fn({**params, "dense": {"kernel": fq.focused_quantize(
-      params["dense"]["kernel"], f, alpha=a)}} | {"conv": fq.quantized(params, state)["conv"]}))(1.0)
+  expected = jax.grad(
+    lambda a: loss_fn(
+      {**params, "dense": {"kernel": fq.focused_quantize(params["dense"]["kernel"], f, alpha=a)}}
+      | {"conv": fq.quantized(params, state)["conv"]}
+    )
+  )(1.0)
   grads = jax.grad(lambda p: loss_fn(fq.quantized(p, state)))(params)
   _, new = tx.update(grads, state, params)
-  np.testing.assert_allclose(float(new.focus["dense"]["kernel"].alpha), 1.0 - lr * float(expected), rtol=1e-5)
+  np.testing.assert_allclose(
+    float(new.focus["dense"]["kernel"].alpha), 1.0 - lr * float(expected), rtol=1e-5
+  )
 
 
 @pytest.mark.parametrize("wrap", ["chain", "inject_hyperparams", "multi_steps", "apply_if_finite"])
@@ -172,17 +189,22 @@ def test_composes_with_optax(wrap):
   params = make_params()
   before = pruned_positions(params)
   if wrap == "chain":
-    tx = optax.chain(optax.clip_by_global_norm(1.0),
-                     fq.focused_quantization(optax.sgd(0.05, momentum=0.9), schedule=fq.inq_schedule(3)))
+    tx = optax.chain(
+      optax.clip_by_global_norm(1.0),
+      fq.focused_quantization(optax.sgd(0.05, momentum=0.9), schedule=fq.inq_schedule(3)),
+    )
   elif wrap == "inject_hyperparams":
     inner = optax.inject_hyperparams(optax.sgd)(learning_rate=0.05, momentum=0.9)
     tx = fq.focused_quantization(inner, schedule=fq.inq_schedule(3))
   elif wrap == "multi_steps":
-    tx = optax.MultiSteps(fq.focused_quantization(optax.sgd(0.05), schedule=fq.inq_schedule(3)),
-                          every_k_schedule=2)
+    tx = optax.MultiSteps(
+      fq.focused_quantization(optax.sgd(0.05), schedule=fq.inq_schedule(3)), every_k_schedule=2
+    )
   else:
-    tx = optax.apply_if_finite(fq.focused_quantization(optax.sgd(0.05), schedule=fq.inq_schedule(3)),
-                               max_consecutive_errors=3)
+    tx = optax.apply_if_finite(
+      fq.focused_quantization(optax.sgd(0.05), schedule=fq.inq_schedule(3)),
+      max_consecutive_errors=3,
+    )
   params, state = run(tx, params, 24 if wrap == "multi_steps" else 12)
   inner = fq.find_state(state)
   assert isinstance(inner, fq.FQState)
@@ -216,7 +238,9 @@ def test_orbax_round_trip_is_bit_exact(tmp_path):
   assert a_def == b_def
   for a, b in zip(a_leaves, b_leaves):
     assert a.dtype == b.dtype
-    np.testing.assert_array_equal(np.atleast_1d(np.asarray(a)).view(np.uint8), np.atleast_1d(np.asarray(b)).view(np.uint8))
+    np.testing.assert_array_equal(
+      np.atleast_1d(np.asarray(a)).view(np.uint8), np.atleast_1d(np.asarray(b)).view(np.uint8)
+    )
   # The restored state keeps training identically.
   p1, s1 = jax.jit(lambda p, s: _one_step(tx, p, s))(params, state)
   p2, s2 = jax.jit(lambda p, s: _one_step(tx, p, s))(restored["params"], restored["opt_state"])
@@ -237,7 +261,9 @@ def test_bfloat16_params():
   assert all(x.dtype == jnp.bfloat16 for x in jax.tree.leaves(new))
   q = fq.quantized(new, state)
   assert q["conv"]["kernel"].dtype == jnp.bfloat16
-  assert np.all(np.asarray(new["conv"]["kernel"], np.float32)[pruned_positions(params)["conv"]] == 0)
+  assert np.all(
+    np.asarray(new["conv"]["kernel"], np.float32)[pruned_positions(params)["conv"]] == 0
+  )
 
 
 def test_dns_pruning_prunes_to_target_and_splices():

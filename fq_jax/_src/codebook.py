@@ -27,7 +27,8 @@ the decoded value is `codebook[symbol]`, bit-identical to the forward pass.
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable, Literal, NamedTuple, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any, Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -88,8 +89,9 @@ def codebook_symbols(w: jax.Array, codebook: jax.Array, mask: jax.Array | None =
 
 
 @functools.partial(jax.jit, static_argnames=("dtype",))
-def codebook_values(symbols: jax.Array, codebook: jax.Array, mask: jax.Array | None = None,
-                    dtype=jnp.float32) -> jax.Array:
+def codebook_values(
+  symbols: jax.Array, codebook: jax.Array, mask: jax.Array | None = None, dtype=jnp.float32
+) -> jax.Array:
   """Decodes symbols: codebook[symbol] at kept positions, +0 elsewhere, cast to `dtype`.
 
   The single definition of a codebook-quantized value (forward pass and file
@@ -102,8 +104,9 @@ def codebook_values(symbols: jax.Array, codebook: jax.Array, mask: jax.Array | N
   return v.astype(dtype)
 
 
-def kmeans_codebook(w: jax.Array, mask: jax.Array | None = None, *, bits: int = 5,
-                    iters: int = 100) -> CodebookState:
+def kmeans_codebook(
+  w: jax.Array, mask: jax.Array | None = None, *, bits: int = 5, iters: int = 100
+) -> CodebookState:
   """Deep Compression weight sharing: 1-D k-means on the kept weights.
 
   Lloyd's algorithm with K = 2^bits centroids initialised linearly between
@@ -140,7 +143,7 @@ def kmeans_codebook(w: jax.Array, mask: jax.Array | None = None, *, bits: int = 
 
 @functools.partial(jax.jit, static_argnames=("bits", "iters"))
 def _kmeans(w, mask, *, bits, iters):
-  k = 2 ** bits
+  k = 2**bits
   x = jnp.asarray(w, jnp.float32).reshape(-1)
   kept = _kept(x, None if mask is None else jnp.asarray(mask, bool).reshape(-1))
   n = jnp.sum(kept)
@@ -194,9 +197,14 @@ def uniform_levels(bits: int) -> jax.Array:
   return jnp.arange(-half, half, dtype=jnp.float32)
 
 
-def uniform_codebook(w: jax.Array, mask: jax.Array | None = None, *, bits: int = 5,
-                     clip: Literal["max", "mse"] = "max", num_candidates: int = 64
-                     ) -> CodebookState:
+def uniform_codebook(
+  w: jax.Array,
+  mask: jax.Array | None = None,
+  *,
+  bits: int = 5,
+  clip: Literal["max", "mse"] = "max",
+  num_candidates: int = 64,
+) -> CodebookState:
   """Symmetric uniform n-bit integers per layer: codebook = scale * (-2^(n-1) .. 2^(n-1) - 1).
 
   With `clip="max"` the scale is max|w| / (2^(n-1) - 1) over the kept weights,
@@ -241,7 +249,7 @@ def _uniform(w, mask, *, bits, clip, num_candidates):
   scale = amax / top
   if clip == "mse":
     xk = jnp.where(kept, x, 0.0)
-    lo, hi = -2 ** (bits - 1), 2 ** (bits - 1) - 1
+    lo, hi = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
 
     def mse(s):
       q = jnp.clip(jnp.round(xk / s), lo, hi) * s
@@ -254,8 +262,13 @@ def _uniform(w, mask, *, bits, clip, num_candidates):
   return CodebookState(codebook=codebook, symbols=codebook_symbols(x, codebook, kept), mask=kept)
 
 
-def codebook_quantize(w: jax.Array, state: CodebookState, codebook: jax.Array | None = None,
-                      *, reassign: bool | jax.Array = True) -> jax.Array:
+def codebook_quantize(
+  w: jax.Array,
+  state: CodebookState,
+  codebook: jax.Array | None = None,
+  *,
+  reassign: bool | jax.Array = True,
+) -> jax.Array:
   """codebook[symbol] with straight-through gradients; pruned weights are 0.
 
   Forward: each kept weight becomes its nearest codeword (`reassign`, the
@@ -295,8 +308,9 @@ def codebook_quantize(w: jax.Array, state: CodebookState, codebook: jax.Array | 
 @jax.jit
 def _codebook_quantize(w, state, c, reassign):
   wsg = jax.lax.stop_gradient(w)
-  symbols = jnp.where(reassign, codebook_symbols(wsg, jax.lax.stop_gradient(c), state.mask),
-                      state.symbols)
+  symbols = jnp.where(
+    reassign, codebook_symbols(wsg, jax.lax.stop_gradient(c), state.mask), state.symbols
+  )
   value = codebook_values(symbols, c, state.mask)
   w32 = jnp.asarray(w, jnp.float32)
   through = (w32 - jax.lax.stop_gradient(w32)) * state.mask
@@ -343,10 +357,15 @@ def find_codebook_state(opt_state) -> CodebookQState:
   """The single `CodebookQState` inside any optax state."""
   if isinstance(opt_state, CodebookQState):
     return opt_state
-  found = [x for x in jax.tree.leaves(opt_state, is_leaf=lambda x: isinstance(x, CodebookQState))
-           if isinstance(x, CodebookQState)]
+  found = [
+    x
+    for x in jax.tree.leaves(opt_state, is_leaf=lambda x: isinstance(x, CodebookQState))
+    if isinstance(x, CodebookQState)
+  ]
   if len(found) != 1:
-    raise ValueError(f"expected exactly one CodebookQState in the optimizer state, found {len(found)}")
+    raise ValueError(
+      f"expected exactly one CodebookQState in the optimizer state, found {len(found)}"
+    )
   return found[0]
 
 
@@ -369,22 +388,23 @@ def codebook_quantized(params, state) -> Any:
 
 
 def _map_present(fn, first, *rest):
-  return jax.tree.map(lambda a, *xs: None if a is None else fn(a, *xs), first, *rest,
-                      is_leaf=_is_leaf)
+  return jax.tree.map(
+    lambda a, *xs: None if a is None else fn(a, *xs), first, *rest, is_leaf=_is_leaf
+  )
 
 
 def codebook_quantization(
-    inner: optax.GradientTransformation,
-    *,
-    bits: int = 5,
-    method: Literal["kmeans", "uniform"] = "kmeans",
-    rules: Sequence[rules_lib.Rule] = rules_lib.DEFAULT_RULES,
-    masks: Any | Callable[[Any], Any] | None = None,
-    kmeans_iters: int = 100,
-    clip: Literal["max", "mse"] = "max",
-    learn: Literal["centroids", "scale", "none"] | None = None,
-    codebook_optimizer: optax.GradientTransformation | None = None,
-    reassign: bool = True,
+  inner: optax.GradientTransformation,
+  *,
+  bits: int = 5,
+  method: Literal["kmeans", "uniform"] = "kmeans",
+  rules: Sequence[rules_lib.Rule] = rules_lib.DEFAULT_RULES,
+  masks: Any | Callable[[Any], Any] | None = None,
+  kmeans_iters: int = 100,
+  clip: Literal["max", "mse"] = "max",
+  learn: Literal["centroids", "scale", "none"] | None = None,
+  codebook_optimizer: optax.GradientTransformation | None = None,
+  reassign: bool = True,
 ) -> optax.GradientTransformationExtraArgs:
   """Fine-tunes under codebook quantization (k-means or uniform): wraps `inner`.
 
@@ -461,15 +481,30 @@ def codebook_quantization(
     specs = rules_lib.resolve(params, rules, bits=bits)
     m = transforms._derive_masks(masks, specs, params)
     cbs = jax.tree.map(
-        lambda s, w, mk: None if s is None or not s.quantize else build(s, w, mk),
-        specs, params, m, is_leaf=lambda x: x is None)
+      lambda s, w, mk: None if s is None or not s.quantize else build(s, w, mk),
+      specs,
+      params,
+      m,
+      is_leaf=lambda x: x is None,
+    )
     base = _map_present(lambda c: c.codebook, cbs) if learn == "scale" else None
-    learned = (_map_present(lambda c: c.codebook, cbs) if learn == "centroids" else
-               _map_present(lambda c: jnp.float32(1.0), cbs) if learn == "scale" else None)
+    learned = (
+      _map_present(lambda c: c.codebook, cbs)
+      if learn == "centroids"
+      else _map_present(lambda c: jnp.float32(1.0), cbs)
+      if learn == "scale"
+      else None
+    )
     return CodebookQState(
-        count=jnp.zeros([], jnp.int32), masks=m, codebooks=cbs, base=base, learned=learned,
-        learned_state=codebook_optimizer.init(learned), reassign=jnp.bool_(reassign),
-        inner_state=inner.init(params))
+      count=jnp.zeros([], jnp.int32),
+      masks=m,
+      codebooks=cbs,
+      base=base,
+      learned=learned,
+      learned_state=codebook_optimizer.init(learned),
+      reassign=jnp.bool_(reassign),
+      inner_state=inner.init(params),
+    )
 
   def update(updates, state: CodebookQState, params=None, **extra):
     if params is None:
@@ -482,10 +517,15 @@ def codebook_quantization(
 
     # d L / d codeword = sum of the gradients of its members (what reached w is dL/dQ).
     codeword_grads = _map_present(
-        lambda cs, g, w: jax.ops.segment_sum(
-            jnp.where(cs.mask, g.astype(jnp.float32), 0.0).reshape(-1),
-            symbols_in_force(cs, w).reshape(-1), num_segments=cs.codebook.shape[0]),
-        state.codebooks, grads, params)
+      lambda cs, g, w: jax.ops.segment_sum(
+        jnp.where(cs.mask, g.astype(jnp.float32), 0.0).reshape(-1),
+        symbols_in_force(cs, w).reshape(-1),
+        num_segments=cs.codebook.shape[0],
+      ),
+      state.codebooks,
+      grads,
+      params,
+    )
     codebooks = state.codebooks
     learned, learned_state = state.learned, state.learned_state
     if learn != "none":
@@ -498,21 +538,30 @@ def codebook_quantization(
       if learn == "centroids":
         codebooks = _map_present(lambda cs, c: cs._replace(codebook=c), codebooks, learned)
       else:
-        codebooks = _map_present(lambda cs, b, a: cs._replace(codebook=a * b),
-                                 codebooks, state.base, learned)
+        codebooks = _map_present(
+          lambda cs, b, a: cs._replace(codebook=a * b), codebooks, state.base, learned
+        )
 
     new_updates, inner_state = inner.update(grads, state.inner_state, params, **extra)
-    new_updates = jax.tree.map(zero_pruned, state.masks, new_updates,
-                               is_leaf=lambda x: x is None)
+    new_updates = jax.tree.map(zero_pruned, state.masks, new_updates, is_leaf=lambda x: x is None)
     new_params = optax.apply_updates(params, new_updates)
     codebooks = _map_present(
-        lambda cs, w: cs._replace(symbols=jnp.where(
-            state.reassign, codebook_symbols(w, cs.codebook, cs.mask), cs.symbols)),
-        codebooks, new_params)
+      lambda cs, w: cs._replace(
+        symbols=jnp.where(state.reassign, codebook_symbols(w, cs.codebook, cs.mask), cs.symbols)
+      ),
+      codebooks,
+      new_params,
+    )
     return new_updates, CodebookQState(
-        count=state.count + 1, masks=state.masks, codebooks=codebooks, base=state.base,
-        learned=learned, learned_state=learned_state, reassign=state.reassign,
-        inner_state=inner_state)
+      count=state.count + 1,
+      masks=state.masks,
+      codebooks=codebooks,
+      base=state.base,
+      learned=learned,
+      learned_state=learned_state,
+      reassign=state.reassign,
+      inner_state=inner_state,
+    )
 
   return optax.GradientTransformationExtraArgs(init, update)
 
@@ -527,4 +576,3 @@ def codebook_mse(w: jax.Array, state: CodebookState) -> jax.Array:
 def codebooks_of(opt_state) -> Any:
   """The tree of `CodebookState`s (None for other leaves) inside an optax state."""
   return find_codebook_state(opt_state).codebooks
-

@@ -75,9 +75,9 @@ def _initial_gmm(x, kept, split):
   m0, s0 = side(lower)
   m1, s1 = side(upper)
   return GMM(
-      weights=jnp.array([0.5, 0.5], jnp.float32),
-      means=jnp.stack([m0, m1]),
-      stds=jnp.stack([s0, s1]),
+    weights=jnp.array([0.5, 0.5], jnp.float32),
+    means=jnp.stack([m0, m1]),
+    stds=jnp.stack([s0, s1]),
   )
 
 
@@ -112,11 +112,13 @@ def _binned_stats(x, kept, num_bins) -> _Stats:
   idx = jnp.clip(((x - lo) / width * num_bins).astype(jnp.int32), 0, num_bins - 1)
   c = kept.astype(jnp.float32)
   # One scatter of (count, sum, sum of squares) rows: a single pass.
-  sums = jnp.zeros((num_bins, 3), jnp.float32).at[idx].add(
-      jnp.stack([c, c * x, c * x * x], axis=-1))
+  sums = (
+    jnp.zeros((num_bins, 3), jnp.float32).at[idx].add(jnp.stack([c, c * x, c * x * x], axis=-1))
+  )
   count, total, squares = sums[:, 0], sums[:, 1], sums[:, 2]
-  point = jnp.where(count > 0, total / jnp.maximum(count, 1.0),
-                    lo + (jnp.arange(num_bins) + 0.5) * width / num_bins)
+  point = jnp.where(
+    count > 0, total / jnp.maximum(count, 1.0), lo + (jnp.arange(num_bins) + 0.5) * width / num_bins
+  )
   return _Stats(count, total, squares, point)
 
 
@@ -126,10 +128,16 @@ def _log_pdf_pair(gmm: GMM, x):
   Two explicit arrays instead of an (n, 2) array: XLA fuses the whole E-step
   into one pass this way.
   """
+
   def one(c):
     z = (x - gmm.means[c]) / gmm.stds[c]
-    return (jnp.log(jnp.maximum(gmm.weights[c], _TINY)) - 0.5 * z * z
-            - jnp.log(gmm.stds[c]) - _LOG_SQRT_2PI)
+    return (
+      jnp.log(jnp.maximum(gmm.weights[c], _TINY))
+      - 0.5 * z * z
+      - jnp.log(gmm.stds[c])
+      - _LOG_SQRT_2PI
+    )
+
   return one(0), one(1)
 
 
@@ -168,20 +176,20 @@ def _em_step(gmm: GMM, stats: _Stats, floor):
   # A collapsed component (no responsibility left) keeps its previous place.
   alive = nk > 1e-12
   new = GMM(
-      weights=nk / jnp.maximum(jnp.sum(nk), _TINY),
-      means=jnp.where(alive, jnp.stack([mu0, mu1]), gmm.means),
-      stds=jnp.where(alive, jnp.sqrt(jnp.stack([v0, v1]) + floor), gmm.stds),
+    weights=nk / jnp.maximum(jnp.sum(nk), _TINY),
+    means=jnp.where(alive, jnp.stack([mu0, mu1]), gmm.means),
+    stds=jnp.where(alive, jnp.sqrt(jnp.stack([v0, v1]) + floor), gmm.stds),
   )
   return new, ll
 
 
 def fit_gmm(
-    w: jax.Array,
-    mask: jax.Array | None = None,
-    *,
-    num_iters: int = 200,
-    tol: float = 1e-7,
-    num_bins: int | None = 65536,
+  w: jax.Array,
+  mask: jax.Array | None = None,
+  *,
+  num_iters: int = 200,
+  tol: float = 1e-7,
+  num_bins: int | None = 65536,
 ) -> GMM:
   """Fits a two-component 1-D Gaussian mixture by maximum likelihood (EM).
 
@@ -233,12 +241,12 @@ def fit_gmm(
 
 
 def fit_gmms(
-    ws,
-    masks=None,
-    *,
-    num_iters: int = 200,
-    tol: float = 1e-7,
-    num_bins: int = 65536,
+  ws,
+  masks=None,
+  *,
+  num_iters: int = 200,
+  tol: float = 1e-7,
+  num_bins: int = 65536,
 ) -> GMM:
   """Fits one mixture per layer, all layers in one batched EM.
 
@@ -268,14 +276,17 @@ def fit_gmms(
   prepared = [_prepare(*_kept(w, m), num_bins) for w, m in zip(ws, masks)]
   stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *prepared)
   fitted = jax.vmap(lambda init, stats: _run_em(init, stats, num_iters, tol))(
-      stacked.init, stacked.stats)
+    stacked.init, stacked.stats
+  )
   return jax.vmap(_finish)(fitted, stacked)
 
 
 def _EMPTY_GMM() -> GMM:
-  return GMM(weights=jnp.full((2,), 0.5, jnp.float32),
-             means=jnp.zeros((2,), jnp.float32),
-             stds=jnp.ones((2,), jnp.float32))
+  return GMM(
+    weights=jnp.full((2,), 0.5, jnp.float32),
+    means=jnp.zeros((2,), jnp.float32),
+    stds=jnp.ones((2,), jnp.float32),
+  )
 
 
 class _Prepared(NamedTuple):
@@ -317,7 +328,8 @@ def _run_em(init: GMM, stats: _Stats, num_iters, tol) -> GMM:
     return i + 1, new, gmm_ll, ll
 
   _, fitted, _, _ = jax.lax.while_loop(
-      cond, body, (jnp.int32(0), init, -jnp.float32(jnp.inf), -jnp.float32(jnp.inf)))
+    cond, body, (jnp.int32(0), init, -jnp.float32(jnp.inf), -jnp.float32(jnp.inf))
+  )
   return fitted
 
 
@@ -327,15 +339,13 @@ def _finish(fitted: GMM, prepared: _Prepared) -> GMM:
   safe_scale = jnp.where(scale > 0, scale, 1.0)
   means = fitted.means * safe_scale + mean
   stds = fitted.stds * safe_scale
-  stds = jnp.where(scale > 0, stds,
-                   jnp.sqrt(_REL_VAR_FLOOR) * jnp.maximum(jnp.abs(mean), 1e-12))
+  stds = jnp.where(scale > 0, stds, jnp.sqrt(_REL_VAR_FLOOR) * jnp.maximum(jnp.abs(mean), 1e-12))
   order = jnp.argsort(means)
   result = GMM(weights=fitted.weights[order], means=means[order], stds=stds[order])
   return jax.tree.map(lambda a, b: jnp.where(prepared.n > 0, a, b), result, _EMPTY_GMM())
 
 
-def gmm_log_likelihood(
-    gmm: GMM, w: jax.Array, mask: jax.Array | None = None) -> jax.Array:
+def gmm_log_likelihood(gmm: GMM, w: jax.Array, mask: jax.Array | None = None) -> jax.Array:
   """Mean log-likelihood per kept weight of `w` under `gmm` (float32 scalar).
 
   Non-finite weights count as pruned; with no kept weight the result is 0.
@@ -357,11 +367,11 @@ def gmm_posterior(gmm: GMM, w: jax.Array) -> jax.Array:
 
 
 def wasserstein_separation(
-    gmm: GMM,
-    w: jax.Array,
-    mask: jax.Array | None = None,
-    *,
-    include_pruned: bool = False,
+  gmm: GMM,
+  w: jax.Array,
+  mask: jax.Array | None = None,
+  *,
+  include_pruned: bool = False,
 ) -> jax.Array:
   """Eq. 4: ((mu_1 - mu_2)^2 + (sigma_1 - sigma_2)^2) / sigma^2.
 
@@ -394,6 +404,5 @@ def wasserstein_separation(
   else:
     x, kept = _kept(w, mask)
   _, _, var = _masked_moments(x, kept)
-  num = (gmm.means[..., 0] - gmm.means[..., 1]) ** 2 + (
-      gmm.stds[..., 0] - gmm.stds[..., 1]) ** 2
+  num = (gmm.means[..., 0] - gmm.means[..., 1]) ** 2 + (gmm.stds[..., 0] - gmm.stds[..., 1]) ** 2
   return jnp.where(var > 0, num / jnp.where(var > 0, var, 1.0), 0.0)

@@ -69,7 +69,8 @@ import contextlib
 import dataclasses
 import math
 import threading
-from typing import Any, Iterable, Mapping, NamedTuple
+from collections.abc import Iterable, Mapping
+from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
@@ -193,9 +194,13 @@ class ActivationScale:
     try:
       exponent, signed = obj["exponent"], obj["signed"]
     except (TypeError, KeyError):
-      raise ValueError(f"an activation scale must be {{'exponent': int, 'signed': bool}}, got {obj!r}") from None
+      raise ValueError(
+        f"an activation scale must be {{'exponent': int, 'signed': bool}}, got {obj!r}"
+      ) from None
     if not isinstance(exponent, int) or isinstance(exponent, bool) or not -64 <= exponent <= 64:
-      raise ValueError(f"activation scale exponent must be an integer in [-64, 64], got {exponent!r}")
+      raise ValueError(
+        f"activation scale exponent must be an integer in [-64, 64], got {exponent!r}"
+      )
     if not isinstance(signed, bool):
       raise ValueError(f"activation scale 'signed' must be a boolean, got {signed!r}")
     return cls(exponent, signed)
@@ -231,8 +236,9 @@ def _log_histogram(a):
   """Counts of |a| > 0 in 1/16-octave bins of log2|a| over [-64, 64) (int32)."""
   a = jnp.abs(jnp.asarray(a, jnp.float32)).reshape(-1)
   f, e = _frexp(jnp.where(a > 0, a, 1.0), jnp)  # a = f 2^e, f in [0.5, 1)
-  sub = jnp.clip(jnp.floor(jnp.log2(2 * f) * _HIST_PER_OCTAVE).astype(jnp.int32), 0,
-                 _HIST_PER_OCTAVE - 1)
+  sub = jnp.clip(
+    jnp.floor(jnp.log2(2 * f) * _HIST_PER_OCTAVE).astype(jnp.int32), 0, _HIST_PER_OCTAVE - 1
+  )
   n = _HIST_PER_OCTAVE * _HIST_OCTAVES
   b = jnp.clip((e - 1 + _HIST_OCTAVES // 2) * _HIST_PER_OCTAVE + sub, 0, n - 1)
   return jnp.zeros(n, jnp.int32).at[b].add((a > 0).astype(jnp.int32))
@@ -245,20 +251,22 @@ def _histogram_percentile(hist: np.ndarray, percentile: float) -> float:
     return 0.0
   rank = math.ceil(total * percentile / 100.0)
   b = int(np.searchsorted(np.cumsum(hist), max(rank, 1)))
-  return math.ldexp(2.0 ** ((b % _HIST_PER_OCTAVE + 1) / _HIST_PER_OCTAVE),
-                    b // _HIST_PER_OCTAVE - _HIST_OCTAVES // 2)
+  return math.ldexp(
+    2.0 ** ((b % _HIST_PER_OCTAVE + 1) / _HIST_PER_OCTAVE),
+    b // _HIST_PER_OCTAVE - _HIST_OCTAVES // 2,
+  )
 
 
 def calibrate_activations(
-    model: nn.Module,
-    variables,
-    batches: Iterable,
-    *,
-    bits: int,
-    method: str = "percentile",
-    percentile: float = 99.99,
-    rounding: str = "ceil",
-    apply_kwargs: Mapping[str, Any] | None = None,
+  model: nn.Module,
+  variables,
+  batches: Iterable,
+  *,
+  bits: int,
+  method: str = "percentile",
+  percentile: float = 99.99,
+  rounding: str = "ceil",
+  apply_kwargs: Mapping[str, Any] | None = None,
 ) -> dict[str, ActivationScale]:
   """Power-of-two input scales of every convolution and dense layer, from data.
 
@@ -320,7 +328,9 @@ def calibrate_activations(
   for path, hi in maxs.items():
     clip = hi if method == "max" else min(hi, _histogram_percentile(hists[path], percentile))
     signed = mins[path] < 0
-    out[path] = ActivationScale(scale_exponent(clip, bits=bits, signed=signed, rounding=rounding), signed)
+    out[path] = ActivationScale(
+      scale_exponent(clip, bits=bits, signed=signed, rounding=rounding), signed
+    )
   return out
 
 
@@ -452,8 +462,11 @@ def folded_values(fold: FoldedBN, exp_a, exp_m):
   the two parts of the convolution in real units (exact in float32).
   """
   r = jnp.asarray(fold.r, jnp.int32)
-  return (_ldexp(fold.ka, -r - jnp.asarray(exp_a, jnp.int32), jnp),
-          _ldexp(fold.km, -r - jnp.asarray(exp_m, jnp.int32), jnp), _ldexp(fold.c, -r, jnp))
+  return (
+    _ldexp(fold.ka, -r - jnp.asarray(exp_a, jnp.int32), jnp),
+    _ldexp(fold.km, -r - jnp.asarray(exp_m, jnp.int32), jnp),
+    _ldexp(fold.c, -r, jnp),
+  )
 
 
 # ----------------------------------------------------------------------------
@@ -474,7 +487,11 @@ def _power_exponent(mu: float) -> int | None:
 
 def means_offset(means) -> int:
   """q = -min(p_-, p_+) over the non-zero means (0 when both are 0)."""
-  ps = [p for p in (_power_exponent(m) for m in np.asarray(means, np.float32).reshape(-1)) if p is not None]
+  ps = [
+    p
+    for p in (_power_exponent(m) for m in np.asarray(means, np.float32).reshape(-1))
+    if p is not None
+  ]
   return -min(ps) if ps else 0
 
 
@@ -547,10 +564,15 @@ def weight_parts_from_symbols(symbols, state: quantizers.FocusState) -> WeightPa
   s_plane = np.where(mask, np.ldexp(s.astype(np.float32), (e - b).astype(np.int32)), 0.0)
   means = np.asarray(state.means, np.float32).reshape(-1)
   mu = np.where(mask & rec, np.where(m, means[1], means[0]), 0.0).astype(np.float32)
-  return WeightParts(alpha=np.float32(np.asarray(state.alpha)),
-                     sigma=np.float32(np.asarray(state.sigma)) if rec else np.float32(1.0),
-                     s_plane=s_plane.astype(np.float32), mu=mu, recentralized=rec, bias=b,
-                     q=means_offset(means) if rec else 0)
+  return WeightParts(
+    alpha=np.float32(np.asarray(state.alpha)),
+    sigma=np.float32(np.asarray(state.sigma)) if rec else np.float32(1.0),
+    s_plane=s_plane.astype(np.float32),
+    mu=mu,
+    recentralized=rec,
+    bias=b,
+    q=means_offset(means) if rec else 0,
+  )
 
 
 def focus_by_module(focus) -> dict[str, quantizers.FocusState]:
@@ -566,8 +588,10 @@ def focus_by_module(focus) -> dict[str, quantizers.FocusState]:
     items = list(focus.items())
   else:
     leaves = jax.tree_util.tree_leaves_with_path(
-        focus, is_leaf=lambda x: x is None or isinstance(x, (quantizers.FocusState, WeightParts)))
+      focus, is_leaf=lambda x: x is None or isinstance(x, (quantizers.FocusState, WeightParts))
+    )
     from fq_jax._src import rules as rules_lib
+
     items = [(rules_lib.path_str(p), v) for p, v in leaves]
   for key, state in items:
     if not isinstance(state, (quantizers.FocusState, WeightParts)):
@@ -608,15 +632,15 @@ def _apply_layer(module, x, kernel):
 
 
 def apply_quantized(
-    model: nn.Module,
-    variables,
-    x,
-    *,
-    activation_bits: int = 0,
-    activation_scales: Mapping[str, Any] | None = None,
-    bn_bits: int = 0,
-    focus=None,
-    **apply_kwargs,
+  model: nn.Module,
+  variables,
+  x,
+  *,
+  activation_bits: int = 0,
+  activation_scales: Mapping[str, Any] | None = None,
+  bn_bits: int = 0,
+  focus=None,
+  **apply_kwargs,
 ):
   """`model.apply` with integer-activation and integer-batch-norm simulation.
 
@@ -730,8 +754,9 @@ class QuantizedActivationsModel:
   later (`with_focus`) since it changes during training.
   """
 
-  def __init__(self, model: nn.Module, *, activation_bits: int, activation_scales,
-               bn_bits: int = 0, focus=None):
+  def __init__(
+    self, model: nn.Module, *, activation_bits: int, activation_scales, bn_bits: int = 0, focus=None
+  ):
     self.model = model
     self.activation_bits = int(activation_bits)
     self.activation_scales = parse_activation_scales(activation_scales)
@@ -739,14 +764,25 @@ class QuantizedActivationsModel:
     self.focus = focus
 
   def with_focus(self, focus) -> "QuantizedActivationsModel":
-    return QuantizedActivationsModel(self.model, activation_bits=self.activation_bits,
-                                     activation_scales=self.activation_scales,
-                                     bn_bits=self.bn_bits, focus=focus)
+    return QuantizedActivationsModel(
+      self.model,
+      activation_bits=self.activation_bits,
+      activation_scales=self.activation_scales,
+      bn_bits=self.bn_bits,
+      focus=focus,
+    )
 
   def apply(self, variables, *args, **kwargs):
-    return apply_quantized(self.model, variables, *args, activation_bits=self.activation_bits,
-                           activation_scales=self.activation_scales, bn_bits=self.bn_bits,
-                           focus=self.focus, **kwargs)
+    return apply_quantized(
+      self.model,
+      variables,
+      *args,
+      activation_bits=self.activation_bits,
+      activation_scales=self.activation_scales,
+      bn_bits=self.bn_bits,
+      focus=self.focus,
+      **kwargs,
+    )
 
   def init(self, *args, **kwargs):
     return self.model.init(*args, **kwargs)
@@ -841,12 +877,23 @@ class ShiftAddLayer:
     wa = np.where(self.s != 0, np.left_shift(np.int64(1), self.e.astype(np.int64)), 0).sum(axis=1)
     bound = int(wa.max(initial=0)) * max_code
     if self.recentralized:
-      bound = max(bound, int(self.kept.max(initial=0)) * max_code * (1 << max(self.mean_shifts, default=0)) * 2)
+      bound = max(
+        bound,
+        int(self.kept.max(initial=0)) * max_code * (1 << max(self.mean_shifts, default=0)) * 2,
+      )
     return bound
 
 
-def prepare_layer(symbols, state: quantizers.FocusState, *, path: str = "", kind: str = "conv",
-                  strides=(1, 1), padding=((0, 0), (0, 0)), groups: int = 1) -> ShiftAddLayer:
+def prepare_layer(
+  symbols,
+  state: quantizers.FocusState,
+  *,
+  path: str = "",
+  kind: str = "conv",
+  strides=(1, 1),
+  padding=((0, 0), (0, 0)),
+  groups: int = 1,
+) -> ShiftAddLayer:
   """Builds the tap lists of a focused layer from its symbols and FocusState.
 
   Args:
@@ -912,13 +959,27 @@ def prepare_layer(symbols, state: quantizers.FocusState, *, path: str = "", kind
     signs.append(0 if p is None else (1 if mu > 0 else -1))
     shifts.append(0 if p is None else p + q)
   return ShiftAddLayer(
-      path=path, kind=kind, kernel_shape=tuple(sym.shape), strides=tuple(strides),
-      padding=tuple(tuple(p) for p in padding), groups=int(groups), idx=idx, e=ee, s=ss, m=mm,
-      recentralized=rec, bias=int(np.asarray(state.bias)), mean_signs=tuple(signs),
-      mean_shifts=tuple(shifts), q=q, alpha=np.float32(np.asarray(state.alpha)),
-      sigma=np.float32(np.asarray(state.sigma)) if rec else np.float32(1.0),
-      kept=kept.astype(np.int64), nonzero=((ss != 0)).sum(axis=1).astype(np.int64),
-      shifted=((ss != 0) & (ee > 0)).sum(axis=1).astype(np.int64))
+    path=path,
+    kind=kind,
+    kernel_shape=tuple(sym.shape),
+    strides=tuple(strides),
+    padding=tuple(tuple(p) for p in padding),
+    groups=int(groups),
+    idx=idx,
+    e=ee,
+    s=ss,
+    m=mm,
+    recentralized=rec,
+    bias=int(np.asarray(state.bias)),
+    mean_signs=tuple(signs),
+    mean_shifts=tuple(shifts),
+    q=q,
+    alpha=np.float32(np.asarray(state.alpha)),
+    sigma=np.float32(np.asarray(state.sigma)) if rec else np.float32(1.0),
+    kept=kept.astype(np.int64),
+    nonzero=(ss != 0).sum(axis=1).astype(np.int64),
+    shifted=((ss != 0) & (ee > 0)).sum(axis=1).astype(np.int64),
+  )
 
 
 def im2col(x, kernel_hw, strides, padding):
@@ -934,8 +995,11 @@ def im2col(x, kernel_hw, strides, padding):
   xp = jnp.pad(x, ((0, 0), (pt, pb), (pl, pr), (0, 0)))
   ho = (h + pt + pb - kh) // sh + 1
   wo = (w + pl + pr - kw) // sw + 1
-  taps = [xp[:, i:i + sh * (ho - 1) + 1:sh, j:j + sw * (wo - 1) + 1:sw, :]
-          for i in range(kh) for j in range(kw)]
+  taps = [
+    xp[:, i : i + sh * (ho - 1) + 1 : sh, j : j + sw * (wo - 1) + 1 : sw, :]
+    for i in range(kh)
+    for j in range(kw)
+  ]
   t = jnp.stack(taps, axis=0)  # (taps, N, Ho, Wo, C)
   t = jnp.transpose(t, (0, 4, 1, 2, 3))  # (taps, C, N, Ho, Wo)
   return t.reshape(kh * kw * c, n * ho * wo), (n, ho, wo)
@@ -982,8 +1046,10 @@ def shift_add(layer: ShiftAddLayer, codes, *, acc_dtype=jnp.int32):
   (a, s0, s1), _ = jax.lax.scan(step, (zero, zero, zero), (idx.T, e.T, s.T, m.T))
   mm = zero
   if layer.recentralized:
-    for sc, sign, shift in ((s0, layer.mean_signs[0], layer.mean_shifts[0]),
-                            (s1, layer.mean_signs[1], layer.mean_shifts[1])):
+    for sc, sign, shift in (
+      (s0, layer.mean_signs[0], layer.mean_shifts[0]),
+      (s1, layer.mean_signs[1], layer.mean_shifts[1]),
+    ):
       term = jnp.left_shift(sc, jnp.asarray(shift, acc_dtype))
       mm = mm + term if sign > 0 else (mm - term if sign < 0 else mm)
 

@@ -40,20 +40,42 @@ def _bn_bits(text: str) -> int:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
   p.add_argument("model", metavar="MODEL.fqz")
-  p.add_argument("--integer", action="store_true",
-                 help="run the integer path: integer activations, shift-add convolutions and dense\n"
-                      "layers, integer batch norm (default: the float model with the file's\n"
-                      "activation and batch-norm quantization simulated)")
-  p.add_argument("--data-dir", default=None, metavar="DIR",
-                 help="dataset location (cifar10: folder of cifar10-jpeg.tar.gz or the archive;\n"
-                      "default ../shared/data; imagenet2012: the tfds data_dir)")
+  p.add_argument(
+    "--integer",
+    action="store_true",
+    help="run the integer path: integer activations, shift-add convolutions and dense\n"
+    "layers, integer batch norm (default: the float model with the file's\n"
+    "activation and batch-norm quantization simulated)",
+  )
+  p.add_argument(
+    "--data-dir",
+    default=None,
+    metavar="DIR",
+    help="dataset location (cifar10: folder of cifar10-jpeg.tar.gz or the archive;\n"
+    "default ../shared/data; imagenet2012: the tfds data_dir)",
+  )
   p.add_argument("--dataset", default=None, help="override the file's dataset name")
-  p.add_argument("--limit", type=_positive, default=None, metavar="N",
-                 help="evaluate the first N test examples only")
-  p.add_argument("--batch-size", type=_positive, default=None, metavar="B",
-                 help="examples per batch (default 100 integer, 500 float)")
-  p.add_argument("--bn-bits", type=_bn_bits, default=None, metavar="N",
-                 help="integer batch-norm width of the integer path (default: the file's, else 16)")
+  p.add_argument(
+    "--limit",
+    type=_positive,
+    default=None,
+    metavar="N",
+    help="evaluate the first N test examples only",
+  )
+  p.add_argument(
+    "--batch-size",
+    type=_positive,
+    default=None,
+    metavar="B",
+    help="examples per batch (default 100 integer, 500 float)",
+  )
+  p.add_argument(
+    "--bn-bits",
+    type=_bn_bits,
+    default=None,
+    metavar="N",
+    help="integer batch-norm width of the integer path (default: the file's, else 16)",
+  )
   p.add_argument("--layers", action="store_true", help="also print the per-layer operation counts")
   p.add_argument("--json", action="store_true", help="print the result as JSON")
 
@@ -66,26 +88,37 @@ def format_ops(ops: dict, layers: bool = False) -> str:
   """Human-readable summary of `fq.count_integer_ops` (per image)."""
   t = ops["total"]
   lines = [
-      f"operations per image (input {'x'.join(map(str, ops['input_shape'][1:]))}): the float model "
-      f"{_m(t['float_macs'])} multiply-accumulates ({_m(t['kept_macs'])} with a kept weight)",
-      f"  integer path, convolutions and dense layers: {_m(t['shifts'])} shifts, {_m(t['adds'])} "
-      f"integer adds, {_m(t['multiplies'])} multiplies"
-      + (f" (float layers: {', '.join(t['float_layers'])})" if t["float_layers"] else ""),
-      f"  {ops['bn_bits']}-bit integer batch norm (sigma, alpha folded in): {_m(t['bn_multiplies'])} "
-      f"multiplies (one per output and accumulator), {_m(t['bn_adds'])} adds, {_m(t['bn_shifts'])} shifts",
-      f"  elsewhere (quantize, relu, residual adds, pooling): {_m(t['other_adds'])} adds, "
-      f"{_m(t['other_shifts'])} shifts, {_m(t['other_compares'])} compares, "
-      f"{_m(t['other_multiplies'])} multiplies",
+    f"operations per image (input {'x'.join(map(str, ops['input_shape'][1:]))}): the float model "
+    f"{_m(t['float_macs'])} multiply-accumulates ({_m(t['kept_macs'])} with a kept weight)",
+    f"  integer path, convolutions and dense layers: {_m(t['shifts'])} shifts, {_m(t['adds'])} "
+    f"integer adds, {_m(t['multiplies'])} multiplies"
+    + (f" (float layers: {', '.join(t['float_layers'])})" if t["float_layers"] else ""),
+    f"  {ops['bn_bits']}-bit integer batch norm (sigma, alpha folded in): {_m(t['bn_multiplies'])} "
+    f"multiplies (one per output and accumulator), {_m(t['bn_adds'])} adds, {_m(t['bn_shifts'])} shifts",
+    f"  elsewhere (quantize, relu, residual adds, pooling): {_m(t['other_adds'])} adds, "
+    f"{_m(t['other_shifts'])} shifts, {_m(t['other_compares'])} compares, "
+    f"{_m(t['other_multiplies'])} multiplies",
   ]
   if t.get("float_multiplies"):
     lines.append(f"  float multiplies (layers kept in float): {_m(t['float_multiplies'])}")
   if layers:
-    cols = ("layer", "kind", "quantizer", "float_macs", "kept_macs", "shifts", "adds", "multiplies",
-            "bn_multiplies")
+    cols = (
+      "layer",
+      "kind",
+      "quantizer",
+      "float_macs",
+      "kept_macs",
+      "shifts",
+      "adds",
+      "multiplies",
+      "bn_multiplies",
+    )
     rows = [[str(r[c]) for c in cols] for r in ops["layers"]]
     widths = [max(len(c), *(len(r[i]) for r in rows)) for i, c in enumerate(cols)]
-    fmt = lambda cells: "  ".join(c.ljust(w) if i < 3 else c.rjust(w)  # noqa: E731
-                                  for i, (c, w) in enumerate(zip(cells, widths)))
+    fmt = lambda cells: "  ".join(
+      c.ljust(w) if i < 3 else c.rjust(w)  # noqa: E731
+      for i, (c, w) in enumerate(zip(cells, widths))
+    )
     lines += ["", fmt(cols), fmt(["-" * w for w in widths])] + [fmt(r) for r in rows]
   return "\n".join(lines)
 
@@ -107,8 +140,10 @@ def run(args) -> int:
   except ValueError as e:
     raise CLIError(f"{args.model}: {e}") from None
   if args.integer and not (spec.activation_bits and spec.activation_scales):
-    raise CLIError(f"{args.model}: the file records no activation scales, so it has no integer path "
-                   "(write it with train.py --config.quant.activation_bits=8)")
+    raise CLIError(
+      f"{args.model}: the file records no activation scales, so it has no integer path "
+      "(write it with train.py --config.quant.activation_bits=8)"
+    )
   dataset = args.dataset or spec.dataset
   if not dataset:
     raise CLIError(f"{args.model}: the file's metadata names no dataset; pass --dataset")
@@ -116,9 +151,16 @@ def run(args) -> int:
   if sys.stderr.isatty() and not args.json:
     progress = lambda n: print(f"\r{n} examples", end="", file=sys.stderr, flush=True)  # noqa: E731
   try:
-    result = integer_models.evaluate_fqz(decoded, integer=args.integer, data_dir=args.data_dir,
-                                         limit=args.limit, batch_size=args.batch_size, dataset=dataset,
-                                         bn_bits=args.bn_bits, progress=progress)
+    result = integer_models.evaluate_fqz(
+      decoded,
+      integer=args.integer,
+      data_dir=args.data_dir,
+      limit=args.limit,
+      batch_size=args.batch_size,
+      dataset=dataset,
+      bn_bits=args.bn_bits,
+      progress=progress,
+    )
   except FileNotFoundError as e:
     raise CLIError(str(e)) from None
   finally:
@@ -132,14 +174,23 @@ def run(args) -> int:
   if args.json:
     print(json.dumps({"file": args.model, **result, "ops": ops}, indent=1, default=str))
     return 0
-  what = ("integer path" if args.integer else "float path (weights as decoded"
-          + (f", {spec.activation_bits}-bit activations simulated" if spec.activation_bits else "")
-          + (f", {spec.bn_bits}-bit batch norm simulated" if spec.bn_bits else "") + ")")
+  what = (
+    "integer path"
+    if args.integer
+    else "float path (weights as decoded"
+    + (f", {spec.activation_bits}-bit activations simulated" if spec.activation_bits else "")
+    + (f", {spec.bn_bits}-bit batch norm simulated" if spec.bn_bits else "")
+    + ")"
+  )
   if args.integer:
-    what += f" ({result['activation_bits']}-bit activations, {result['bn_bits']}-bit integer batch norm)"
+    what += (
+      f" ({result['activation_bits']}-bit activations, {result['bn_bits']}-bit integer batch norm)"
+    )
   depth = f"-{spec.kwargs['depth']}" if "depth" in spec.kwargs else ""
-  print(f"{args.model}: {spec.name}{depth} on {dataset} test, {what}: top-1 {result['accuracy']:.4f} "
-        f"({result['correct']}/{result['count']}) in {result['seconds']:.1f} s")
+  print(
+    f"{args.model}: {spec.name}{depth} on {dataset} test, {what}: top-1 {result['accuracy']:.4f} "
+    f"({result['correct']}/{result['count']}) in {result['seconds']:.1f} s"
+  )
   if ops is not None:
     print(format_ops(ops, layers=args.layers))
   else:

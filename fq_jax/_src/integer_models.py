@@ -26,8 +26,8 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
-from collections.abc import Iterator
-from typing import Any, Callable
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -107,8 +107,11 @@ def model_spec(decoded) -> ModelSpec:
     if depth.isdigit():
       meta.setdefault("depth", int(depth))
   if name not in MODEL_NAMES:
-    raise ValueError(f"the file's model {name!r} is not one of {', '.join(MODEL_NAMES)}"
-                     if name else "the file's metadata names no model and its arrays match none")
+    raise ValueError(
+      f"the file's model {name!r} is not one of {', '.join(MODEL_NAMES)}"
+      if name
+      else "the file's metadata names no model and its arrays match none"
+    )
   head = decoded.arrays.get("params/head/kernel")
   if head is None:
     raise ValueError("the file has no params/head/kernel")
@@ -120,8 +123,14 @@ def model_spec(decoded) -> ModelSpec:
     kwargs["width"] = float(meta["width"])
   bits = int(meta.get("activation_bits") or 0)
   scales = I.parse_activation_scales(meta.get("activation_scales")) if bits else {}
-  return ModelSpec(name=name, kwargs=kwargs, dataset=meta.get("dataset"), activation_bits=bits,
-                   activation_scales=scales, bn_bits=int(meta.get("bn_bits") or 0))
+  return ModelSpec(
+    name=name,
+    kwargs=kwargs,
+    dataset=meta.get("dataset"),
+    activation_bits=bits,
+    activation_scales=scales,
+    bn_bits=int(meta.get("bn_bits") or 0),
+  )
 
 
 def build_float_model(spec: ModelSpec):
@@ -176,8 +185,17 @@ class _Counter:
     self.other: dict[str, dict] = {}
 
   def op(self, kind: str, **counts):
-    row = self.other.setdefault(kind, {"elements": 0, "adds": 0, "shifts": 0, "compares": 0,
-                                       "multiplies": 0, "float_multiplies": 0})
+    row = self.other.setdefault(
+      kind,
+      {
+        "elements": 0,
+        "adds": 0,
+        "shifts": 0,
+        "compares": 0,
+        "multiplies": 0,
+        "float_multiplies": 0,
+      },
+    )
     for k, v in counts.items():
       row[k] = row.get(k, 0) + int(v)
 
@@ -204,8 +222,13 @@ class _Exec:
     v = I.rounding_shift(jnp.asarray(x.v), shift)
     codes = jnp.clip(v, lo, hi).astype(jnp.int32)
     n = int(np.prod(x.v.shape))
-    self.count.op("requantize to codes (shift, clip)", elements=n,
-                  adds=n if shift > 0 else 0, shifts=n if shift else 0, compares=2 * n)
+    self.count.op(
+      "requantize to codes (shift, clip)",
+      elements=n,
+      adds=n if shift > 0 else 0,
+      shifts=n if shift else 0,
+      compares=2 * n,
+    )
     return codes, act.exponent
 
   def _wide(self, v):
@@ -247,8 +270,14 @@ class _Exec:
       xf = jnp.ldexp(codes.astype(jnp.float64), ex)
       w = jnp.asarray(layer.kernel, jnp.float64)
       if kind == "conv":
-        z = jax.lax.conv_general_dilated(xf, w, strides, padding, dimension_numbers=("NHWC", "HWIO", "NHWC"),
-                                         feature_group_count=groups)
+        z = jax.lax.conv_general_dilated(
+          xf,
+          w,
+          strides,
+          padding,
+          dimension_numbers=("NHWC", "HWIO", "NHWC"),
+          feature_group_count=groups,
+        )
       else:
         z = xf @ w
       if bn is not None:
@@ -290,8 +319,14 @@ class _Exec:
 
   def max_pool(self, x: Fx, window: int, stride: int, pad: int = 0) -> Fx:
     init = jnp.array(jnp.iinfo(x.v.dtype).min, x.v.dtype)
-    v = jax.lax.reduce_window(x.v, init, jax.lax.max, (1, window, window, 1), (1, stride, stride, 1),
-                              ((0, 0), (pad, pad), (pad, pad), (0, 0)))
+    v = jax.lax.reduce_window(
+      x.v,
+      init,
+      jax.lax.max,
+      (1, window, window, 1),
+      (1, stride, stride, 1),
+      ((0, 0), (pad, pad), (pad, pad), (0, 0)),
+    )
     self.count.op("max pool (compare)", elements=v.size, compares=v.size * (window * window - 1))
     return Fx(v, x.exp)
 
@@ -321,33 +356,53 @@ class _Exec:
     cout = layer.out_features
     k_in = int(np.prod(layer.kernel_shape[:-1]))
     rec = layer.recentralized
-    combine_shifts = sum(1 for s, sh in zip(layer.mean_signs, layer.mean_shifts) if s and sh > 0) if rec else 0
+    combine_shifts = (
+      sum(1 for s, sh in zip(layer.mean_signs, layer.mean_shifts) if s and sh > 0) if rec else 0
+    )
     combine_adds = sum(1 for s in layer.mean_signs if s) if rec else 0
-    self.count.layers.append({
-        "layer": layer.path, "kind": f"shift-add {layer.kind}",
-        "quantizer": "recentralized" if rec else "shift", "outputs": p * cout,
-        "float_macs": p * cout * k_in, "kept_macs": p * int(layer.kept.sum()),
+    self.count.layers.append(
+      {
+        "layer": layer.path,
+        "kind": f"shift-add {layer.kind}",
+        "quantizer": "recentralized" if rec else "shift",
+        "outputs": p * cout,
+        "float_macs": p * cout * k_in,
+        "kept_macs": p * int(layer.kept.sum()),
         "shifts": p * (int(layer.shifted.sum()) + cout * combine_shifts),
-        "adds": p * (int(layer.nonzero.sum()) + (int(layer.kept.sum()) if rec else 0)
-                     + cout * combine_adds),
-        "multiplies": 0, "arithmetic": "integer",
+        "adds": p
+        * (int(layer.nonzero.sum()) + (int(layer.kept.sum()) if rec else 0) + cout * combine_adds),
+        "multiplies": 0,
+        "arithmetic": "integer",
         "bn": bn or ("bias" if layer.kind == "dense" else None),
         "bn_multiplies": p * cout * (2 if rec else 1),
-        "bn_adds": p * cout * (3 if rec else 2), "bn_shifts": p * cout,
-    })
+        "bn_adds": p * cout * (3 if rec else 2),
+        "bn_shifts": p * cout,
+      }
+    )
 
   def _count_float(self, layer: FloatLayer, out_shape, bn):
     p = int(np.prod(out_shape[:-1]))
     cout = layer.kernel.shape[-1]
     k_in = int(np.prod(layer.kernel.shape[:-1]))
     kept = int(layer.kept.sum())
-    self.count.layers.append({
-        "layer": layer.path, "kind": f"float {layer.kind}", "quantizer": "float",
-        "outputs": p * cout, "float_macs": p * cout * k_in, "kept_macs": p * kept,
-        "shifts": 0, "adds": p * kept, "multiplies": p * kept, "arithmetic": "float",
+    self.count.layers.append(
+      {
+        "layer": layer.path,
+        "kind": f"float {layer.kind}",
+        "quantizer": "float",
+        "outputs": p * cout,
+        "float_macs": p * cout * k_in,
+        "kept_macs": p * kept,
+        "shifts": 0,
+        "adds": p * kept,
+        "multiplies": p * kept,
+        "arithmetic": "float",
         "bn": bn or ("bias" if layer.kind == "dense" else None),
-        "bn_multiplies": p * cout if bn else 0, "bn_adds": p * cout, "bn_shifts": 0,
-    })
+        "bn_multiplies": p * cout if bn else 0,
+        "bn_adds": p * cout,
+        "bn_shifts": 0,
+      }
+    )
 
 
 # ----------------------------------------------------------------------------
@@ -439,12 +494,12 @@ def _mobilenet_v2_graph(g: _Exec, x, spec: ModelSpec):
 
 
 GRAPHS: dict[str, Callable] = {
-    "digits_cnn": _digits_graph,
-    "cifar_resnet": _cifar_resnet_graph,
-    "resnet18": _resnet_graph,
-    "resnet50": _resnet_graph,
-    "mobilenet_v1": _mobilenet_v1_graph,
-    "mobilenet_v2": _mobilenet_v2_graph,
+  "digits_cnn": _digits_graph,
+  "cifar_resnet": _cifar_resnet_graph,
+  "resnet18": _resnet_graph,
+  "resnet50": _resnet_graph,
+  "mobilenet_v1": _mobilenet_v1_graph,
+  "mobilenet_v2": _mobilenet_v2_graph,
 }
 
 
@@ -474,17 +529,31 @@ class IntegerModel:
     wide_bits: F, the fraction bits of wide tensors (unit 2^-F).
   """
 
-  def __init__(self, decoded, *, bn_bits: int | None = None, activation_bits: int | None = None,
-               activation_scales=None, wide_extra_bits: int = WIDE_EXTRA_BITS,
-               check_overflow: bool = False):
+  def __init__(
+    self,
+    decoded,
+    *,
+    bn_bits: int | None = None,
+    activation_bits: int | None = None,
+    activation_scales=None,
+    wide_extra_bits: int = WIDE_EXTRA_BITS,
+    check_overflow: bool = False,
+  ):
     self.decoded = decoded
     self.spec = model_spec(decoded)
-    self.activation_bits = int(activation_bits if activation_bits is not None else self.spec.activation_bits)
-    scales = (I.parse_activation_scales(activation_scales) if activation_scales is not None
-              else self.spec.activation_scales)
+    self.activation_bits = int(
+      activation_bits if activation_bits is not None else self.spec.activation_bits
+    )
+    scales = (
+      I.parse_activation_scales(activation_scales)
+      if activation_scales is not None
+      else self.spec.activation_scales
+    )
     if not self.activation_bits or not scales:
-      raise ValueError("the file records no activation scales (train with quant.activation_bits=8, "
-                       "or pass activation_bits and activation_scales)")
+      raise ValueError(
+        "the file records no activation scales (train with quant.activation_bits=8, "
+        "or pass activation_bits and activation_scales)"
+      )
     self.scales = scales
     self.bn_bits_used = int(bn_bits or self.spec.bn_bits or I.DEFAULT_BN_BITS)
     self.arrays = decoded.arrays
@@ -509,11 +578,19 @@ class IntegerModel:
         raise ValueError(f"the file has no {kpath}")
       focus = self.decoded.focus
       if kpath in focus:
-        self._layers[key] = I.prepare_layer(self.decoded.symbols[kpath], focus[kpath], path=path,
-                                            kind=kind, strides=strides, padding=padding, groups=groups)
+        self._layers[key] = I.prepare_layer(
+          self.decoded.symbols[kpath],
+          focus[kpath],
+          path=path,
+          kind=kind,
+          strides=strides,
+          padding=padding,
+          groups=groups,
+        )
       else:
-        self._layers[key] = FloatLayer(path, kind, np.asarray(self.arrays[kpath], np.float32),
-                                       strides, padding, groups)
+        self._layers[key] = FloatLayer(
+          path, kind, np.asarray(self.arrays[kpath], np.float32), strides, padding, groups
+        )
     return self._layers[key]
 
   def check_range(self, y, path):
@@ -562,28 +639,44 @@ class IntegerModel:
       shape = (1, *shape)
     with jax.enable_x64(True):
       ex = _Exec(self)
-      jax.eval_shape(lambda x: self._graph(ex, FloatIn(x), self.spec).v,
-                     jax.ShapeDtypeStruct(shape, jnp.float32))
+      jax.eval_shape(
+        lambda x: self._graph(ex, FloatIn(x), self.spec).v, jax.ShapeDtypeStruct(shape, jnp.float32)
+      )
     return _summarize(ex.count, shape, self)
 
 
 def _summarize(count: _Counter, shape, model: IntegerModel) -> dict:
   layers = count.layers
-  keys = ("float_macs", "kept_macs", "shifts", "adds", "multiplies", "bn_multiplies", "bn_adds",
-          "bn_shifts", "outputs")
+  keys = (
+    "float_macs",
+    "kept_macs",
+    "shifts",
+    "adds",
+    "multiplies",
+    "bn_multiplies",
+    "bn_adds",
+    "bn_shifts",
+    "outputs",
+  )
   total = {k: sum(r[k] for r in layers) for k in keys}
   other = {k: dict(v) for k, v in count.other.items()}
   total["other_adds"] = sum(v["adds"] for v in other.values())
   total["other_shifts"] = sum(v["shifts"] for v in other.values())
   total["other_compares"] = sum(v["compares"] for v in other.values())
   total["other_multiplies"] = sum(v["multiplies"] for v in other.values())
-  total["float_multiplies"] = sum(r["multiplies"] + r["bn_multiplies"] for r in layers
-                                  if r["arithmetic"] == "float")
+  total["float_multiplies"] = sum(
+    r["multiplies"] + r["bn_multiplies"] for r in layers if r["arithmetic"] == "float"
+  )
   total["float_layers"] = [r["layer"] for r in layers if r["quantizer"] == "float"]
   return {
-      "model": model.spec.name, "input_shape": list(shape), "activation_bits": model.activation_bits,
-      "bn_bits": model.bn_bits_used, "wide_bits": model.wide_bits,
-      "layers": layers, "other": other, "total": total,
+    "model": model.spec.name,
+    "input_shape": list(shape),
+    "activation_bits": model.activation_bits,
+    "bn_bits": model.bn_bits_used,
+    "wide_bits": model.wide_bits,
+    "layers": layers,
+    "other": other,
+    "total": total,
   }
 
 
@@ -591,7 +684,11 @@ def load_integer_model(path_or_decoded, **kwargs) -> IntegerModel:
   """`IntegerModel` of an .fqz file path or a `DecodedModel`."""
   from fq_jax._src.codec import load_fqz
 
-  decoded = load_fqz(path_or_decoded) if isinstance(path_or_decoded, (str, os.PathLike)) else path_or_decoded
+  decoded = (
+    load_fqz(path_or_decoded)
+    if isinstance(path_or_decoded, (str, os.PathLike))
+    else path_or_decoded
+  )
   return IntegerModel(decoded, **kwargs)
 
 
@@ -616,7 +713,11 @@ def count_integer_ops(decoded_model, input_shape, **kwargs) -> dict:
     float_multiplies (all multiplies of float layers), other_* and
     float_layers}.
   """
-  model = decoded_model if isinstance(decoded_model, IntegerModel) else load_integer_model(decoded_model, **kwargs)
+  model = (
+    decoded_model
+    if isinstance(decoded_model, IntegerModel)
+    else load_integer_model(decoded_model, **kwargs)
+  )
   return model.count_ops(input_shape)
 
 
@@ -634,27 +735,38 @@ def float_logits_fn(decoded, *, simulate: bool = True, dtype=None):
   `jax.enable_x64(True)`) gives an exact reference of the integer path.
   """
   spec = model_spec(decoded)
-  model = build_float_model(dataclasses.replace(spec, kwargs={**spec.kwargs, "dtype": dtype})
-                            if dtype is not None else spec)
+  model = build_float_model(
+    dataclasses.replace(spec, kwargs={**spec.kwargs, "dtype": dtype}) if dtype is not None else spec
+  )
   tree = decoded.tree()
   variables = {k: tree[k] for k in ("params", "batch_stats") if k in tree}
   focus = None
   if simulate and spec.bn_bits:  # exact weight parts from the stored symbols
-    focus = {k: I.weight_parts_from_symbols(decoded.symbols[k], st) for k, st in decoded.focus.items()}
+    focus = {
+      k: I.weight_parts_from_symbols(decoded.symbols[k], st) for k, st in decoded.focus.items()
+    }
 
   @jax.jit
   def fn(variables, x):
     if not simulate:
       return model.apply(variables, x, train=False)
-    return I.apply_quantized(model, variables, x, train=False, activation_bits=spec.activation_bits,
-                             activation_scales=spec.activation_scales, bn_bits=spec.bn_bits,
-                             focus=focus)
+    return I.apply_quantized(
+      model,
+      variables,
+      x,
+      train=False,
+      activation_bits=spec.activation_bits,
+      activation_scales=spec.activation_scales,
+      bn_bits=spec.bn_bits,
+      focus=focus,
+    )
 
   return lambda x: np.asarray(fn(variables, jnp.asarray(x, dtype or jnp.float32)))
 
 
-def test_batches(dataset: str, *, data_dir: str | None = None, limit: int | None = None,
-                 batch_size: int = 100) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+def test_batches(
+  dataset: str, *, data_dir: str | None = None, limit: int | None = None, batch_size: int = 100
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
   """(images, labels) batches of a dataset's test split, at most `limit` examples."""
   from fq_jax import data as data_lib
 
@@ -666,14 +778,19 @@ def test_batches(dataset: str, *, data_dir: str | None = None, limit: int | None
       path = os.path.join(data_dir, "cifar10-jpeg.tar.gz") if os.path.isdir(data_dir) else data_dir
     x, y = data_lib.load_cifar10(path).test
   elif dataset == "imagenet2012":
-    pipe = data_lib.ImageNetPipeline("validation", batch_size=batch_size, train=False,
-                                     data_dir=data_dir or None, dataset_name=dataset)
+    pipe = data_lib.ImageNetPipeline(
+      "validation",
+      batch_size=batch_size,
+      train=False,
+      data_dir=data_dir or None,
+      dataset_name=dataset,
+    )
     seen = 0
     for batch in pipe.epoch(0):
       keep = batch["mask"] > 0 if "mask" in batch else slice(None)
       xi, yi = batch["image"][keep], batch["label"][keep]
       if limit is not None:
-        xi, yi = xi[:max(limit - seen, 0)], yi[:max(limit - seen, 0)]
+        xi, yi = xi[: max(limit - seen, 0)], yi[: max(limit - seen, 0)]
       if len(xi) == 0:
         return
       seen += len(xi)
@@ -684,12 +801,20 @@ def test_batches(dataset: str, *, data_dir: str | None = None, limit: int | None
   if limit is not None:
     x, y = x[:limit], y[:limit]
   for i in range(0, len(x), batch_size):
-    yield x[i:i + batch_size], y[i:i + batch_size]
+    yield x[i : i + batch_size], y[i : i + batch_size]
 
 
-def evaluate_fqz(path_or_decoded, *, integer: bool = True, data_dir: str | None = None,
-                 limit: int | None = None, batch_size: int | None = None, dataset: str | None = None,
-                 bn_bits: int | None = None, progress: Callable[[int], None] | None = None) -> dict:
+def evaluate_fqz(
+  path_or_decoded,
+  *,
+  integer: bool = True,
+  data_dir: str | None = None,
+  limit: int | None = None,
+  batch_size: int | None = None,
+  dataset: str | None = None,
+  bn_bits: int | None = None,
+  progress: Callable[[int], None] | None = None,
+) -> dict:
   """Top-1 accuracy of an .fqz model on its dataset's test split.
 
   Args:
@@ -712,7 +837,11 @@ def evaluate_fqz(path_or_decoded, *, integer: bool = True, data_dir: str | None 
 
   from fq_jax._src.codec import load_fqz
 
-  decoded = load_fqz(path_or_decoded) if isinstance(path_or_decoded, (str, os.PathLike)) else path_or_decoded
+  decoded = (
+    load_fqz(path_or_decoded)
+    if isinstance(path_or_decoded, (str, os.PathLike))
+    else path_or_decoded
+  )
   spec = model_spec(decoded)
   ds = dataset or spec.dataset
   if not ds:
@@ -735,9 +864,13 @@ def evaluate_fqz(path_or_decoded, *, integer: bool = True, data_dir: str | None 
   if count == 0:
     raise ValueError("no test examples")
   return {
-      "accuracy": correct / count, "correct": correct, "count": count,
-      "path": "integer" if integer else "float", "model": spec.name, "dataset": ds,
-      "activation_bits": spec.activation_bits,
-      "bn_bits": (model.bn_bits_used if integer else spec.bn_bits),
-      "seconds": time.perf_counter() - t0,
+    "accuracy": correct / count,
+    "correct": correct,
+    "count": count,
+    "path": "integer" if integer else "float",
+    "model": spec.name,
+    "dataset": ds,
+    "activation_bits": spec.activation_bits,
+    "bn_bits": (model.bn_bits_used if integer else spec.bn_bits),
+    "seconds": time.perf_counter() - t0,
   }

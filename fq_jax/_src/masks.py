@@ -7,7 +7,8 @@ All functions are pure and jittable (the rules are resolved statically).
 
 from __future__ import annotations
 
-from typing import Any, Literal, Sequence
+from collections.abc import Sequence
+from typing import Any, Literal
 
 import jax
 import jax.numpy as jnp
@@ -27,8 +28,8 @@ def _is_spec_leaf(x) -> bool:
 def map_specs(fn, specs, *trees):
   """Maps fn(spec, *leaves) over the compressed leaves; None elsewhere."""
   return jax.tree.map(
-      lambda s, *xs: None if s is None else fn(s, *xs), specs, *trees,
-      is_leaf=_is_spec_leaf)
+    lambda s, *xs: None if s is None else fn(s, *xs), specs, *trees, is_leaf=_is_spec_leaf
+  )
 
 
 def _prune_smallest(w: jax.Array, num_pruned) -> jax.Array:
@@ -49,11 +50,11 @@ def magnitude_mask(w: jax.Array, sparsity: float) -> jax.Array:
 
 
 def magnitude_masks(
-    params,
-    sparsity: float,
-    *,
-    rules: Sequence[rules_lib.Rule] = rules_lib.DEFAULT_RULES,
-    scope: Literal["layer", "global"] = "layer",
+  params,
+  sparsity: float,
+  *,
+  rules: Sequence[rules_lib.Rule] = rules_lib.DEFAULT_RULES,
+  scope: Literal["layer", "global"] = "layer",
 ) -> Any:
   """Magnitude-pruning masks for every compressed leaf of `params`.
 
@@ -81,14 +82,15 @@ def magnitude_masks(
   specs = rules_lib.resolve(params, rules, sparsity=sparsity)
   if scope == "layer":
     return map_specs(
-        lambda s, w: magnitude_mask(w, s.sparsity) if s.prune else jnp.ones(w.shape, bool),
-        specs, params)
+      lambda s, w: magnitude_mask(w, s.sparsity) if s.prune else jnp.ones(w.shape, bool),
+      specs,
+      params,
+    )
   if scope != "global":
     raise ValueError(f"scope must be 'layer' or 'global', got {scope!r}")
   leaves, treedef = jax.tree.flatten(specs, is_leaf=_is_spec_leaf)
   values = treedef.flatten_up_to(params)
-  pooled = [i for i, s in enumerate(leaves)
-            if s is not None and s.prune and s.sparsity == sparsity]
+  pooled = [i for i, s in enumerate(leaves) if s is not None and s.prune and s.sparsity == sparsity]
   out = [None] * len(leaves)
   if pooled:
     flat = jnp.concatenate([jnp.ravel(values[i]) for i in pooled])
@@ -96,18 +98,17 @@ def magnitude_masks(
     start = 0
     for i in pooled:
       size = values[i].size
-      out[i] = jnp.reshape(joint[start:start + size], values[i].shape)
+      out[i] = jnp.reshape(joint[start : start + size], values[i].shape)
       start += size
   for i, s in enumerate(leaves):
     if s is not None and out[i] is None:
-      out[i] = (magnitude_mask(values[i], s.sparsity) if s.prune
-                else jnp.ones(values[i].shape, bool))
+      out[i] = magnitude_mask(values[i], s.sparsity) if s.prune else jnp.ones(values[i].shape, bool)
   return treedef.unflatten(out)
 
 
 def dns_threshold(
-    w: jax.Array, *, sensitivity: float | None = None,
-    sparsity: float | None = None) -> jax.Array:
+  w: jax.Array, *, sensitivity: float | None = None, sparsity: float | None = None
+) -> jax.Array:
   """The DNS threshold t of one layer.
 
   Either t = mean|W| + sensitivity * std|W| (Guo et al.'s rule, over all the
@@ -129,17 +130,18 @@ def dns_threshold(
 def dns_mask(w: jax.Array, mask: jax.Array, threshold) -> jax.Array:
   """DNS hysteresis: prune if |w| < 0.9 t, splice back if |w| > 1.1 t, else keep."""
   a = jnp.abs(w.astype(jnp.float32))
-  return jnp.where(a < PRUNE_FACTOR * threshold, False,
-                   jnp.where(a > SPLICE_FACTOR * threshold, True, mask))
+  return jnp.where(
+    a < PRUNE_FACTOR * threshold, False, jnp.where(a > SPLICE_FACTOR * threshold, True, mask)
+  )
 
 
 def dns_masks(
-    params,
-    masks,
-    *,
-    sensitivity: float | None = None,
-    sparsity: float | None = None,
-    rules: Sequence[rules_lib.Rule] = rules_lib.DEFAULT_RULES,
+  params,
+  masks,
+  *,
+  sensitivity: float | None = None,
+  sparsity: float | None = None,
+  rules: Sequence[rules_lib.Rule] = rules_lib.DEFAULT_RULES,
 ) -> Any:
   """One Dynamic Network Surgery mask update for every compressed leaf.
 
@@ -181,8 +183,11 @@ def dns_masks(
 def apply_masks(params, masks):
   """Zeroes pruned entries: w * mask on masked leaves, identity elsewhere."""
   return jax.tree.map(
-      lambda m, w: w if m is None else jnp.where(m, w, jnp.zeros_like(w)),
-      masks, params, is_leaf=lambda x: x is None)
+    lambda m, w: w if m is None else jnp.where(m, w, jnp.zeros_like(w)),
+    masks,
+    params,
+    is_leaf=lambda x: x is None,
+  )
 
 
 def sparsity_of(masks) -> float:

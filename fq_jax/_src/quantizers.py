@@ -107,8 +107,7 @@ def shift_quantize(x: jax.Array, *, bits: int, bias) -> jax.Array:
   return shift_values(shift_symbols(x, k, bias), k, bias).astype(jnp.asarray(x).dtype)
 
 
-def overflow_bias(
-    x: jax.Array, *, bits: int, mask: jax.Array | None = None) -> jax.Array:
+def overflow_bias(x: jax.Array, *, bits: int, mask: jax.Array | None = None) -> jax.Array:
   """The per-layer bias b of Eq. 1 by the overflow rule.
 
   The largest magnitude is 2^(2^k - 1 - b) with k = bits - 2. b is the
@@ -216,14 +215,13 @@ def focused_symbols(w: jax.Array, state: FocusState) -> jax.Array:
   z = (jnp.asarray(w, jnp.float32) - mu) / sigma
   k = exponent_bits(state)
   code = shift_symbols(z, k, state.bias)
-  code = code + jnp.where(state.recentralized & state.assignment,
-                          num_shift_symbols(k), 0)
+  code = code + jnp.where(state.recentralized & state.assignment, num_shift_symbols(k), 0)
   return jnp.where(state.mask, code, 0).astype(jnp.int32)
 
 
 def focused_values(
-    symbols: jax.Array, state: FocusState, alpha: jax.Array | None = None,
-    dtype=jnp.float32) -> jax.Array:
+  symbols: jax.Array, state: FocusState, alpha: jax.Array | None = None, dtype=jnp.float32
+) -> jax.Array:
   """Decodes `focused_symbols`: z * alpha * (Q_shift * sigma + mu), in `dtype`.
 
   This is the single definition of a quantized value; the forward pass and
@@ -234,26 +232,24 @@ def focused_values(
   per_component = num_shift_symbols(k)
   second = state.recentralized & (symbols >= per_component)
   shift_code = jnp.where(second, symbols - per_component, symbols)
-  mu = jnp.where(state.recentralized,
-                 jnp.where(second, state.means[1], state.means[0]), 0.0)
+  mu = jnp.where(state.recentralized, jnp.where(second, state.means[1], state.means[0]), 0.0)
   sigma = jnp.where(state.recentralized, state.sigma, 1.0)
   unscaled = shift_values(shift_code, k, state.bias) * sigma + mu
-  return jnp.where(state.mask, jnp.asarray(alpha, jnp.float32) * unscaled,
-                   0.0).astype(dtype)
+  return jnp.where(state.mask, jnp.asarray(alpha, jnp.float32) * unscaled, 0.0).astype(dtype)
 
 
 def focus(
-    w: jax.Array,
-    mask: jax.Array | None,
-    key: jax.Array,
-    *,
-    bits: int = 5,
-    w_sep: float = 2.0,
-    recentralize: bool = True,
-    num_iters: int = 200,
-    tol: float = 1e-7,
-    include_pruned_in_separation: bool = False,
-    gmm: gmm_lib.GMM | None = None,
+  w: jax.Array,
+  mask: jax.Array | None,
+  key: jax.Array,
+  *,
+  bits: int = 5,
+  w_sep: float = 2.0,
+  recentralize: bool = True,
+  num_iters: int = 200,
+  tol: float = 1e-7,
+  include_pruned_in_separation: bool = False,
+  gmm: gmm_lib.GMM | None = None,
 ) -> FocusState:
   """Derives one layer's focused quantizer from its weights (paper Sec. 3).
 
@@ -294,14 +290,15 @@ def focus(
   """
   if not MIN_BITS <= bits <= MAX_BITS:
     raise ValueError(f"bits must be in [{MIN_BITS}, {MAX_BITS}], got {bits}")
-  kept = (jnp.ones(jnp.shape(w), bool) if mask is None
-          else jnp.asarray(mask, bool)) & jnp.isfinite(w)
+  kept = (jnp.ones(jnp.shape(w), bool) if mask is None else jnp.asarray(mask, bool)) & jnp.isfinite(
+    w
+  )
   if gmm is None:
     gmm = gmm_lib.fit_gmm(w, kept, num_iters=num_iters, tol=tol)
   separation = gmm_lib.wasserstein_separation(
-      gmm, w, kept, include_pruned=include_pruned_in_separation)
-  recentralized = jnp.asarray(
-      (separation >= w_sep) & recentralize & (bits >= 3), bool)
+    gmm, w, kept, include_pruned=include_pruned_in_separation
+  )
+  recentralized = jnp.asarray((separation >= w_sep) & recentralize & (bits >= 3), bool)
 
   means = round_to_power_of_two(gmm.means)
   sigma = jnp.sqrt(jnp.sum(gmm.weights * gmm.stds**2))
@@ -311,27 +308,25 @@ def focus(
   x = jnp.asarray(w, jnp.float32)
   centred = (x - jnp.where(assignment, means[1], means[0])) / sigma
   bias = jnp.where(
-      recentralized,
-      overflow_bias(centred, bits=max(bits - 1, MIN_BITS), mask=kept),
-      overflow_bias(x, bits=bits, mask=kept),
+    recentralized,
+    overflow_bias(centred, bits=max(bits - 1, MIN_BITS), mask=kept),
+    overflow_bias(x, bits=bits, mask=kept),
   )
   return FocusState(
-      recentralized=recentralized,
-      bits=jnp.int32(bits),
-      means=means,
-      sigma=sigma,
-      bias=bias,
-      assignment=assignment,
-      mask=kept,
-      alpha=jnp.float32(1.0),
-      gmm=gmm,
-      separation=separation,
+    recentralized=recentralized,
+    bits=jnp.int32(bits),
+    means=means,
+    sigma=sigma,
+    bias=bias,
+    assignment=assignment,
+    mask=kept,
+    alpha=jnp.float32(1.0),
+    gmm=gmm,
+    separation=separation,
   )
 
 
-def focused_quantize(
-    w: jax.Array, state: FocusState, alpha: jax.Array | None = None
-) -> jax.Array:
+def focused_quantize(w: jax.Array, state: FocusState, alpha: jax.Array | None = None) -> jax.Array:
   """Eq. 2 (or plain shift quantization), with straight-through gradients.
 
   Forward: z_w * alpha * (Q_shift[(w - mu_m) / sigma] * sigma + mu_m) for a

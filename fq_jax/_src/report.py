@@ -8,9 +8,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fq_jax._src import quantizers
+from fq_jax._src import quantizers, transforms
 from fq_jax._src import rules as rules_lib
-from fq_jax._src import transforms
 
 
 def empirical_entropy(symbols: np.ndarray) -> float:
@@ -59,23 +58,28 @@ def layer_report(params, state) -> list[dict[str, Any]]:
     if m is None:
       continue
     kept = int(np.sum(np.asarray(m)))
-    row = dict(path=path, shape=list(w.shape), size=int(w.size), kept=kept,
-               sparsity=1.0 - kept / max(int(w.size), 1))
+    row = dict(
+      path=path,
+      shape=list(w.shape),
+      size=int(w.size),
+      kept=kept,
+      sparsity=1.0 - kept / max(int(w.size), 1),
+    )
     if f is None:
       row.update(kind="pruned", bits=32, mse=0.0, entropy_bits=32.0)
     else:
       symbols, mse = _layer_numbers(w, f)
       kept_symbols = np.asarray(symbols)[np.asarray(f.mask)]
       row.update(
-          kind="recentralized" if bool(f.recentralized) else "shift",
-          separation=float(f.separation),
-          bits=int(f.bits),
-          mu=[float(v) for v in np.asarray(f.means)],
-          sigma=float(f.sigma),
-          bias=int(f.bias),
-          alpha=float(f.alpha),
-          mse=float(mse),
-          entropy_bits=empirical_entropy(kept_symbols),
+        kind="recentralized" if bool(f.recentralized) else "shift",
+        separation=float(f.separation),
+        bits=int(f.bits),
+        mu=[float(v) for v in np.asarray(f.means)],
+        sigma=float(f.sigma),
+        bias=int(f.bias),
+        alpha=float(f.alpha),
+        mse=float(mse),
+        entropy_bits=empirical_entropy(kept_symbols),
       )
     rows.append(row)
   return rows
@@ -88,7 +92,8 @@ def format_report(rows: list[dict[str, Any]]) -> str:
   for r in rows:
     sep = f"{r['separation']:6.2f}" if "separation" in r else f"{'-':>6}"
     lines.append(
-        f"{r['path'][-40:]:<40} {str(tuple(r['shape'])):<18} {r['kept']:>9} "
-        f"{r['sparsity']:>8.2%} {r['kind']:<13} {sep} {r['bits']:>4} "
-        f"{r['mse']:>10.3g} {r['entropy_bits']:>6.3f}")
+      f"{r['path'][-40:]:<40} {str(tuple(r['shape'])):<18} {r['kept']:>9} "
+      f"{r['sparsity']:>8.2%} {r['kind']:<13} {sep} {r['bits']:>4} "
+      f"{r['mse']:>10.3g} {r['entropy_bits']:>6.3f}"
+    )
   return "\n".join(lines)

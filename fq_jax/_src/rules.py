@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -78,10 +79,12 @@ def _check_sparsity(sparsity, where):
 
 def _check_bits(bits, where):
   if bits is not None and not (
-      isinstance(bits, int) and quantizers.MIN_BITS <= bits <= quantizers.MAX_BITS):
+    isinstance(bits, int) and quantizers.MIN_BITS <= bits <= quantizers.MAX_BITS
+  ):
     raise ValueError(
-        f"{where}: bits must be an integer in [{quantizers.MIN_BITS}, "
-        f"{quantizers.MAX_BITS}], got {bits!r}")
+      f"{where}: bits must be an integer in [{quantizers.MIN_BITS}, "
+      f"{quantizers.MAX_BITS}], got {bits!r}"
+    )
 
 
 # Convolution and dense kernels are compressed; biases, normalization scales
@@ -107,12 +110,12 @@ def leaf_paths(tree) -> Any:
 
 
 def resolve(
-    params,
-    rules: Sequence[Rule] = DEFAULT_RULES,
-    *,
-    sparsity: float = 0.0,
-    bits: int = 5,
-    w_sep: float = 2.0,
+  params,
+  rules: Sequence[Rule] = DEFAULT_RULES,
+  *,
+  sparsity: float = 0.0,
+  bits: int = 5,
+  w_sep: float = 2.0,
 ) -> Any:
   """Resolves the rules for every leaf of `params`.
 
@@ -144,13 +147,13 @@ def resolve(
         if (not (rule.prune or rule.quantize)) or len(leaf.shape) < rule.min_ndim:
           return None
         return LayerSpec(
-            path=name,
-            prune=rule.prune,
-            quantize=rule.quantize,
-            sparsity=(sparsity if rule.sparsity is None else rule.sparsity) if rule.prune else 0.0,
-            bits=bits if rule.bits is None else rule.bits,
-            w_sep=w_sep if rule.w_sep is None else rule.w_sep,
-            recentralize=rule.recentralize,
+          path=name,
+          prune=rule.prune,
+          quantize=rule.quantize,
+          sparsity=(sparsity if rule.sparsity is None else rule.sparsity) if rule.prune else 0.0,
+          bits=bits if rule.bits is None else rule.bits,
+          w_sep=w_sep if rule.w_sep is None else rule.w_sep,
+          recentralize=rule.recentralize,
         )
     return None
 

@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Callable, Literal, NamedTuple, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any, Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -38,8 +39,8 @@ def _is_none(x) -> bool:
 def _map_present(fn, first, *rest):
   """Maps fn over leaves where `first` is not None; None stays None."""
   return jax.tree.map(
-      lambda a, *xs: None if a is None else fn(a, *xs), first, *rest,
-      is_leaf=_is_none)
+    lambda a, *xs: None if a is None else fn(a, *xs), first, *rest, is_leaf=_is_none
+  )
 
 
 # ----------------------------------------------------------------------------
@@ -76,8 +77,7 @@ class QuantSchedule:
     if not f or f[-1] != 1.0 or any(not 0 < x <= 1 for x in f) or list(f) != sorted(f):
       raise ValueError(f"inq_fractions must increase within (0, 1] and end at 1.0, got {f}")
     if len(b) != len(f) - 1 or list(b) != sorted(b) or any(x < 0 for x in b):
-      raise ValueError(
-          f"inq_boundaries must be {len(f) - 1} increasing step counts, got {b}")
+      raise ValueError(f"inq_boundaries must be {len(f) - 1} increasing step counts, got {b}")
     if self.inq_order not in ("magnitude", "error"):
       raise ValueError(f"inq_order must be 'magnitude' or 'error', got {self.inq_order!r}")
     if self.refit_every < 0 or self.refit_growth < 1:
@@ -88,12 +88,12 @@ PAPER_INQ_FRACTIONS = (0.25, 0.5, 0.75, 0.875, 1.0)
 
 
 def inq_schedule(
-    steps_per_stage: int,
-    *,
-    fractions: Sequence[float] = PAPER_INQ_FRACTIONS,
-    order: Literal["magnitude", "error"] = "magnitude",
-    refit_every: int | None = None,
-    refit_growth: float = 2.0,
+  steps_per_stage: int,
+  *,
+  fractions: Sequence[float] = PAPER_INQ_FRACTIONS,
+  order: Literal["magnitude", "error"] = "magnitude",
+  refit_every: int | None = None,
+  refit_growth: float = 2.0,
 ) -> QuantSchedule:
   """The paper's INQ schedule: each stage but the last lasts `steps_per_stage`.
 
@@ -112,11 +112,11 @@ def inq_schedule(
     return QuantSchedule(inq_order=order, refit_every=0)
   fractions = tuple(float(f) for f in fractions)
   return QuantSchedule(
-      inq_fractions=fractions,
-      inq_boundaries=tuple(steps_per_stage * (i + 1) for i in range(len(fractions) - 1)),
-      inq_order=order,
-      refit_every=steps_per_stage if refit_every is None else refit_every,
-      refit_growth=refit_growth,
+    inq_fractions=fractions,
+    inq_boundaries=tuple(steps_per_stage * (i + 1) for i in range(len(fractions) - 1)),
+    inq_order=order,
+    refit_every=steps_per_stage if refit_every is None else refit_every,
+    refit_growth=refit_growth,
   )
 
 
@@ -167,13 +167,14 @@ def find_state(opt_state) -> FQState | PruneState:
   if isinstance(opt_state, (FQState, PruneState)):
     return opt_state
   found = [
-      x for x in jax.tree.leaves(
-          opt_state, is_leaf=lambda x: isinstance(x, (FQState, PruneState)))
-      if isinstance(x, (FQState, PruneState))
+    x
+    for x in jax.tree.leaves(opt_state, is_leaf=lambda x: isinstance(x, (FQState, PruneState)))
+    if isinstance(x, (FQState, PruneState))
   ]
   if len(found) != 1:
     raise ValueError(
-        f"expected exactly one fq state inside the optimizer state, found {len(found)}")
+      f"expected exactly one fq state inside the optimizer state, found {len(found)}"
+    )
   return found[0]
 
 
@@ -216,8 +217,11 @@ def quantized(params, state) -> Any:
   state = find_state(state)
   if isinstance(state, PruneState):
     return jax.tree.map(
-        lambda m, w: w if m is None else _masked_straight_through(w, m),
-        state.masks, params, is_leaf=_is_none)
+      lambda m, w: w if m is None else _masked_straight_through(w, m),
+      state.masks,
+      params,
+      is_leaf=_is_none,
+    )
 
   def one(m, f, inq, w):
     if m is None:
@@ -227,8 +231,7 @@ def quantized(params, state) -> Any:
       return kept
     return jnp.where(inq, quantizers.focused_quantize(w, f), kept)
 
-  return jax.tree.map(one, state.masks, state.focus, state.inq, params,
-                      is_leaf=_is_none)
+  return jax.tree.map(one, state.masks, state.focus, state.inq, params, is_leaf=_is_none)
 
 
 # ----------------------------------------------------------------------------
@@ -237,12 +240,12 @@ def quantized(params, state) -> Any:
 
 
 def dns_pruning(
-    inner: optax.GradientTransformation,
-    *,
-    sparsity: float | None = None,
-    sensitivity: float | None = None,
-    rules: Sequence[rules_lib.Rule] = rules_lib.DEFAULT_RULES,
-    update_every: int = 1,
+  inner: optax.GradientTransformation,
+  *,
+  sparsity: float | None = None,
+  sensitivity: float | None = None,
+  rules: Sequence[rules_lib.Rule] = rules_lib.DEFAULT_RULES,
+  update_every: int = 1,
 ) -> optax.GradientTransformationExtraArgs:
   """Dynamic Network Surgery: prune and splice while `inner` trains.
 
@@ -279,10 +282,12 @@ def dns_pruning(
     count = state.count + 1
     new_params = optax.apply_updates(params, new_updates)
     masks = jax.lax.cond(
-        count % update_every == 0,
-        lambda: masks_lib.dns_masks(new_params, state.masks, sparsity=sparsity,
-                                    sensitivity=sensitivity, rules=rules),
-        lambda: state.masks)
+      count % update_every == 0,
+      lambda: masks_lib.dns_masks(
+        new_params, state.masks, sparsity=sparsity, sensitivity=sensitivity, rules=rules
+      ),
+      lambda: state.masks,
+    )
     return new_updates, PruneState(count, masks, inner_state)
 
   return optax.GradientTransformationExtraArgs(init, update)
@@ -312,8 +317,7 @@ def _select_inq(w, f: quantizers.FocusState, current, fraction, order):
   flat = jnp.ravel(score)
   target = jnp.ceil(fraction * jnp.sum(f.mask)).astype(jnp.int32)
   order_idx = jnp.argsort(-flat, stable=True)
-  rank = jnp.zeros(flat.shape, jnp.int32).at[order_idx].set(
-      jnp.arange(flat.size, dtype=jnp.int32))
+  rank = jnp.zeros(flat.shape, jnp.int32).at[order_idx].set(jnp.arange(flat.size, dtype=jnp.int32))
   return jnp.reshape(rank < target, w.shape) & f.mask
 
 
@@ -321,23 +325,24 @@ def _derive_masks(masks, specs, params):
   if masks is None:
     # Pruned weights are exact zeros after `apply_masks`: recover the masks.
     return masks_lib.map_specs(
-        lambda s, w: (w != 0) if s.prune else jnp.ones(w.shape, bool), specs, params)
+      lambda s, w: (w != 0) if s.prune else jnp.ones(w.shape, bool), specs, params
+    )
   if callable(masks):
     masks = masks(params)
   return masks_lib.map_specs(lambda s, m: jnp.asarray(m, bool), specs, masks)
 
 
 def focused_quantization(
-    inner: optax.GradientTransformation,
-    *,
-    bits: int = 5,
-    w_sep: float = 2.0,
-    rules: Sequence[rules_lib.Rule] = rules_lib.DEFAULT_RULES,
-    schedule: QuantSchedule = QuantSchedule(),
-    masks: MaskTree | Callable[[Any], MaskTree] | None = None,
-    alpha_optimizer: optax.GradientTransformation | None = None,
-    seed: int = 0,
-    gmm_iters: int = 200,
+  inner: optax.GradientTransformation,
+  *,
+  bits: int = 5,
+  w_sep: float = 2.0,
+  rules: Sequence[rules_lib.Rule] = rules_lib.DEFAULT_RULES,
+  schedule: QuantSchedule = QuantSchedule(),
+  masks: MaskTree | Callable[[Any], MaskTree] | None = None,
+  alpha_optimizer: optax.GradientTransformation | None = None,
+  seed: int = 0,
+  gmm_iters: int = 200,
 ) -> optax.GradientTransformationExtraArgs:
   """Fine-tunes under Focused Quantization: wraps the optimizer `inner`.
 
@@ -411,11 +416,17 @@ def focused_quantization(
         groups.setdefault(key, []).append(i)
     for (_, _, group_bits, group_w_sep, group_recentralize), idx in groups.items():
       focus_one = functools.partial(
-          quantizers.focus, bits=group_bits, w_sep=group_w_sep,
-          recentralize=group_recentralize, num_iters=gmm_iters)
+        quantizers.focus,
+        bits=group_bits,
+        w_sep=group_w_sep,
+        recentralize=group_recentralize,
+        num_iters=gmm_iters,
+      )
       stacked = jax.vmap(focus_one)(
-          jnp.stack([ws[i] for i in idx]), jnp.stack([ms[i] for i in idx]),
-          jnp.stack([jax.random.fold_in(rng, i) for i in idx]))
+        jnp.stack([ws[i] for i in idx]),
+        jnp.stack([ms[i] for i in idx]),
+        jnp.stack([jax.random.fold_in(rng, i) for i in idx]),
+      )
       for j, i in enumerate(idx):
         f = jax.tree.map(lambda x: x[j], stacked)
         out[i] = f if old[i] is None else f._replace(alpha=old[i])
@@ -424,8 +435,8 @@ def focused_quantization(
   def inq_all(focus, params, current, stage):
     fraction = fractions[stage]
     return _map_present(
-        lambda f, w, cur: _select_inq(w, f, cur, fraction, schedule.inq_order),
-        focus, params, current)
+      lambda f, w, cur: _select_inq(w, f, cur, fraction, schedule.inq_order), focus, params, current
+    )
 
   def specs_of(params):
     return rules_lib.resolve(params, rules, bits=bits, w_sep=w_sep)
@@ -446,16 +457,16 @@ def focused_quantization(
     alphas = _map_present(lambda f: f.alpha, focus)
     refit_every = schedule.refit_every
     return FQState(
-        count=jnp.zeros([], jnp.int32),
-        rng=jax.random.key_data(jax.random.fold_in(rng, 1)),
-        masks=m,
-        focus=focus,
-        inq=inq,
-        stage=stage,
-        next_refit=jnp.int32(refit_every if refit_every > 0 else -1),
-        refit_interval=jnp.float32(refit_every),
-        alpha_state=alpha_optimizer.init(alphas),
-        inner_state=inner.init(params),
+      count=jnp.zeros([], jnp.int32),
+      rng=jax.random.key_data(jax.random.fold_in(rng, 1)),
+      masks=m,
+      focus=focus,
+      inq=inq,
+      stage=stage,
+      next_refit=jnp.int32(refit_every if refit_every > 0 else -1),
+      refit_interval=jnp.float32(refit_every),
+      alpha_state=alpha_optimizer.init(alphas),
+      inner_state=inner.init(params),
     )
 
   def update(updates, state: FQState, params=None, **extra):
@@ -467,11 +478,14 @@ def focused_quantization(
 
     # The true alpha gradient: Q = alpha * unit, and dL/dQ is what reached w.
     alpha_grads = _map_present(
-        lambda f, inq, g, w: jnp.sum(jnp.where(inq, g.astype(jnp.float32) * _unit_values(w, f), 0.0)),
-        state.focus, state.inq, grads, params)
+      lambda f, inq, g, w: jnp.sum(jnp.where(inq, g.astype(jnp.float32) * _unit_values(w, f), 0.0)),
+      state.focus,
+      state.inq,
+      grads,
+      params,
+    )
     alphas = _map_present(lambda f: f.alpha, state.focus)
-    alpha_updates, alpha_state = alpha_optimizer.update(
-        alpha_grads, state.alpha_state, alphas)
+    alpha_updates, alpha_state = alpha_optimizer.update(alpha_grads, state.alpha_state, alphas)
     alphas = optax.apply_updates(alphas, alpha_updates)
     focus = _map_present(lambda f, a: f._replace(alpha=a), state.focus, alphas)
 
@@ -486,26 +500,37 @@ def focused_quantization(
       rng = jax.random.wrap_key_data(state.rng)
       refit_now = (state.next_refit >= 0) & (count >= state.next_refit)
       focus = jax.lax.cond(
-          refit_now,
-          lambda: focus_all(specs, new_params, state.masks,
-                            jax.random.fold_in(rng, count), alphas),
-          lambda: focus)
-      interval = jnp.where(refit_now, state.refit_interval * schedule.refit_growth,
-                           state.refit_interval)
+        refit_now,
+        lambda: focus_all(specs, new_params, state.masks, jax.random.fold_in(rng, count), alphas),
+        lambda: focus,
+      )
+      interval = jnp.where(
+        refit_now, state.refit_interval * schedule.refit_growth, state.refit_interval
+      )
       next_refit = jnp.where(
-          refit_now, count + jnp.ceil(interval).astype(jnp.int32), state.next_refit)
+        refit_now, count + jnp.ceil(interval).astype(jnp.int32), state.next_refit
+      )
 
     stage = stage_at(count)
     inq = state.inq
     if schedule.inq_boundaries:
       inq = jax.lax.cond(
-          stage != state.stage,
-          lambda: inq_all(focus, new_params, state.inq, stage),
-          lambda: state.inq)
+        stage != state.stage,
+        lambda: inq_all(focus, new_params, state.inq, stage),
+        lambda: state.inq,
+      )
     return new_updates, FQState(
-        count=count, rng=state.rng, masks=state.masks, focus=focus, inq=inq,
-        stage=stage, next_refit=next_refit, refit_interval=interval,
-        alpha_state=alpha_state, inner_state=inner_state)
+      count=count,
+      rng=state.rng,
+      masks=state.masks,
+      focus=focus,
+      inq=inq,
+      stage=stage,
+      next_refit=next_refit,
+      refit_interval=interval,
+      alpha_state=alpha_state,
+      inner_state=inner_state,
+    )
 
   return optax.GradientTransformationExtraArgs(init, update)
 
@@ -515,9 +540,13 @@ def quantized_fraction(state) -> float:
   state = find_state(state)
   if not isinstance(state, FQState):
     return 0.0
-  pairs = [(jnp.sum(q), jnp.sum(f.mask)) for q, f in zip(
+  pairs = [
+    (jnp.sum(q), jnp.sum(f.mask))
+    for q, f in zip(
       jax.tree.leaves(state.inq),
-      jax.tree.leaves(state.focus, is_leaf=lambda x: isinstance(x, quantizers.FocusState)))]
+      jax.tree.leaves(state.focus, is_leaf=lambda x: isinstance(x, quantizers.FocusState)),
+    )
+  ]
   kept = sum(int(k) for _, k in pairs)
   return 1.0 if kept == 0 else sum(int(q) for q, _ in pairs) / kept
 

@@ -32,127 +32,125 @@ kaiming_normal = nn.initializers.variance_scaling(2.0, "fan_in", "normal")
 
 
 def cifar_resnet_blocks_per_stage(depth: int) -> int:
-    """Number of basic blocks per stage for a CIFAR ResNet of the given depth.
+  """Number of basic blocks per stage for a CIFAR ResNet of the given depth.
 
-    Args:
-      depth: total number of weighted layers, ``6 n + 2`` (20, 32, 44, 56, 110, ...).
+  Args:
+    depth: total number of weighted layers, ``6 n + 2`` (20, 32, 44, 56, 110, ...).
 
-    Returns:
-      ``n``, the number of basic blocks in each of the three stages.
+  Returns:
+    ``n``, the number of basic blocks in each of the three stages.
 
-    Raises:
-      ValueError: if ``depth`` is not of the form ``6 n + 2`` with ``n >= 1``.
-    """
-    if depth < 8 or (depth - 2) % 6 != 0:
-        raise ValueError(f"CIFAR ResNet depth must be 6n+2 with n >= 1 (20, 32, 44, 56, 110, ...); got {depth}")
-    return (depth - 2) // 6
+  Raises:
+    ValueError: if ``depth`` is not of the form ``6 n + 2`` with ``n >= 1``.
+  """
+  if depth < 8 or (depth - 2) % 6 != 0:
+    raise ValueError(
+      f"CIFAR ResNet depth must be 6n+2 with n >= 1 (20, 32, 44, 56, 110, ...); got {depth}"
+    )
+  return (depth - 2) // 6
 
 
 def _conv3x3(features: int, stride: int, name: str, dtype: Any) -> nn.Conv:
-    # Explicit symmetric padding: PyTorch's padding=1 pads one pixel on every side. Flax's
-    # 'SAME' would pad (0, 1) for stride 2 and shift the sampling grid by one pixel.
-    return nn.Conv(
-        features,
-        (3, 3),
-        strides=(stride, stride),
-        padding=((1, 1), (1, 1)),
-        use_bias=False,
-        kernel_init=kaiming_normal,
-        dtype=dtype,
-        name=name,
-    )
+  # Explicit symmetric padding: PyTorch's padding=1 pads one pixel on every side. Flax's
+  # 'SAME' would pad (0, 1) for stride 2 and shift the sampling grid by one pixel.
+  return nn.Conv(
+    features,
+    (3, 3),
+    strides=(stride, stride),
+    padding=((1, 1), (1, 1)),
+    use_bias=False,
+    kernel_init=kaiming_normal,
+    dtype=dtype,
+    name=name,
+  )
 
 
 def _batch_norm(train: bool, name: str, dtype: Any) -> nn.BatchNorm:
-    return nn.BatchNorm(
-        use_running_average=not train,
-        momentum=BN_MOMENTUM,
-        epsilon=BN_EPSILON,
-        dtype=dtype,
-        name=name,
-    )
+  return nn.BatchNorm(
+    use_running_average=not train,
+    momentum=BN_MOMENTUM,
+    epsilon=BN_EPSILON,
+    dtype=dtype,
+    name=name,
+  )
 
 
 class CifarBasicBlock(nn.Module):
-    """Two 3x3 conv + BN layers with an "option A" (parameter-free) shortcut.
+  """Two 3x3 conv + BN layers with an "option A" (parameter-free) shortcut.
 
-    Attributes:
-      planes: output channels.
-      stride: stride of the first convolution (1 or 2).
-      dtype: computation dtype (parameters stay float32).
+  Attributes:
+    planes: output channels.
+    stride: stride of the first convolution (1 or 2).
+    dtype: computation dtype (parameters stay float32).
+  """
+
+  planes: int
+  stride: int = 1
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+    """Applies the block.
+
+    Args:
+      x: NHWC input.
+      train: use batch statistics (and update running ones) when True.
+
+    Returns:
+      NHWC output with ``planes`` channels, spatially subsampled by ``stride``.
     """
+    y = _conv3x3(self.planes, self.stride, "conv1", self.dtype)(x)
+    y = nn.relu(_batch_norm(train, "bn1", self.dtype)(y))
+    y = _conv3x3(self.planes, 1, "conv2", self.dtype)(y)
+    y = _batch_norm(train, "bn2", self.dtype)(y)
 
-    planes: int
-    stride: int = 1
-    dtype: Any = jnp.float32
-
-    @nn.compact
-    def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-        """Applies the block.
-
-        Args:
-          x: NHWC input.
-          train: use batch statistics (and update running ones) when True.
-
-        Returns:
-          NHWC output with ``planes`` channels, spatially subsampled by ``stride``.
-        """
-        y = _conv3x3(self.planes, self.stride, "conv1", self.dtype)(x)
-        y = nn.relu(_batch_norm(train, "bn1", self.dtype)(y))
-        y = _conv3x3(self.planes, 1, "conv2", self.dtype)(y)
-        y = _batch_norm(train, "bn2", self.dtype)(y)
-
-        shortcut = x
-        if self.stride != 1 or x.shape[-1] != self.planes:
-            # Option A as in the reference code: take every second pixel starting at 0 and pad
-            # planes // 4 zero channels on each side (16 -> 32 and 32 -> 64 both work out).
-            shortcut = x[:, :: self.stride, :: self.stride, :]
-            pad = self.planes // 4
-            shortcut = jnp.pad(shortcut, ((0, 0), (0, 0), (0, 0), (pad, pad)))
-            if shortcut.shape[-1] != self.planes:
-                raise ValueError(
-                    f"option-A shortcut cannot map {x.shape[-1]} to {self.planes} channels"
-                )
-        return nn.relu(y + shortcut.astype(y.dtype))
+    shortcut = x
+    if self.stride != 1 or x.shape[-1] != self.planes:
+      # Option A as in the reference code: take every second pixel starting at 0 and pad
+      # planes // 4 zero channels on each side (16 -> 32 and 32 -> 64 both work out).
+      shortcut = x[:, :: self.stride, :: self.stride, :]
+      pad = self.planes // 4
+      shortcut = jnp.pad(shortcut, ((0, 0), (0, 0), (0, 0), (pad, pad)))
+      if shortcut.shape[-1] != self.planes:
+        raise ValueError(f"option-A shortcut cannot map {x.shape[-1]} to {self.planes} channels")
+    return nn.relu(y + shortcut.astype(y.dtype))
 
 
 class CifarResNet(nn.Module):
-    """CIFAR ResNet-(6n+2) with option-A shortcuts.
+  """CIFAR ResNet-(6n+2) with option-A shortcuts.
 
-    Attributes:
-      depth: 20, 32, 44, 56, 110, ... (``6 n + 2``).
-      num_classes: size of the output layer.
-      dtype: computation dtype (e.g. ``jnp.bfloat16``); parameters stay float32 and logits
-        are returned as float32.
+  Attributes:
+    depth: 20, 32, 44, 56, 110, ... (``6 n + 2``).
+    num_classes: size of the output layer.
+    dtype: computation dtype (e.g. ``jnp.bfloat16``); parameters stay float32 and logits
+      are returned as float32.
+  """
+
+  depth: int = 20
+  num_classes: int = 10
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+    """Computes logits.
+
+    Args:
+      x: NHWC images, normalized as described in ``fq_jax.data.cifar10``.
+      train: batch statistics (True) or running averages (False) in BatchNorm.
+
+    Returns:
+      float32 logits of shape ``(batch, num_classes)``.
     """
-
-    depth: int = 20
-    num_classes: int = 10
-    dtype: Any = jnp.float32
-
-    @nn.compact
-    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-        """Computes logits.
-
-        Args:
-          x: NHWC images, normalized as described in ``fq_jax.data.cifar10``.
-          train: batch statistics (True) or running averages (False) in BatchNorm.
-
-        Returns:
-          float32 logits of shape ``(batch, num_classes)``.
-        """
-        n = cifar_resnet_blocks_per_stage(self.depth)
-        x = jnp.asarray(x, self.dtype)
-        x = _conv3x3(16, 1, "conv_init", self.dtype)(x)
-        x = nn.relu(_batch_norm(train, "bn_init", self.dtype)(x))
-        for stage, planes in enumerate((16, 32, 64), start=1):
-            for block in range(n):
-                stride = 2 if (stage > 1 and block == 0) else 1
-                x = CifarBasicBlock(
-                    planes, stride, dtype=self.dtype, name=f"stage{stage}_block{block}"
-                )(x, train)
-        x = jnp.mean(x, axis=(1, 2))
-        x = nn.Dense(
-            self.num_classes, kernel_init=kaiming_normal, dtype=self.dtype, name="head"
-        )(x)
-        return jnp.asarray(x, jnp.float32)
+    n = cifar_resnet_blocks_per_stage(self.depth)
+    x = jnp.asarray(x, self.dtype)
+    x = _conv3x3(16, 1, "conv_init", self.dtype)(x)
+    x = nn.relu(_batch_norm(train, "bn_init", self.dtype)(x))
+    for stage, planes in enumerate((16, 32, 64), start=1):
+      for block in range(n):
+        stride = 2 if (stage > 1 and block == 0) else 1
+        x = CifarBasicBlock(planes, stride, dtype=self.dtype, name=f"stage{stage}_block{block}")(
+          x, train
+        )
+    x = jnp.mean(x, axis=(1, 2))
+    x = nn.Dense(self.num_classes, kernel_init=kaiming_normal, dtype=self.dtype, name="head")(x)
+    return jnp.asarray(x, jnp.float32)

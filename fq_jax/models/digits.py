@@ -15,42 +15,42 @@ import jax.numpy as jnp
 
 
 class DigitsCNN(nn.Module):
-    """conv3x3(32)-BN-ReLU, conv3x3(64)-BN-ReLU, maxpool 2, dense(48)-BN-ReLU, dense(classes).
+  """conv3x3(32)-BN-ReLU, conv3x3(64)-BN-ReLU, maxpool 2, dense(48)-BN-ReLU, dense(classes).
 
-    Parameter paths: ``conv1/kernel``, ``bn1/scale``, ``conv2/kernel``, ``fc1/kernel``,
-    ``head/kernel`` and so on.
+  Parameter paths: ``conv1/kernel``, ``bn1/scale``, ``conv2/kernel``, ``fc1/kernel``,
+  ``head/kernel`` and so on.
 
-    Attributes:
-      num_classes: output size (10 digits).
-      dtype: computation dtype; parameters stay float32 and logits are float32.
+  Attributes:
+    num_classes: output size (10 digits).
+    dtype: computation dtype; parameters stay float32 and logits are float32.
+  """
+
+  num_classes: int = 10
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+    """Computes logits.
+
+    Args:
+      x: ``(batch, 8, 8, 1)`` images in [0, 1] (see :mod:`fq_jax.data.digits`).
+      train: batch statistics (True) or running averages (False) in BatchNorm.
+
+    Returns:
+      float32 logits ``(batch, num_classes)``.
     """
-
-    num_classes: int = 10
-    dtype: Any = jnp.float32
-
-    @nn.compact
-    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-        """Computes logits.
-
-        Args:
-          x: ``(batch, 8, 8, 1)`` images in [0, 1] (see :mod:`fq_jax.data.digits`).
-          train: batch statistics (True) or running averages (False) in BatchNorm.
-
-        Returns:
-          float32 logits ``(batch, num_classes)``.
-        """
-        bn = lambda name: nn.BatchNorm(  # noqa: E731 - local shorthand
-            use_running_average=not train, momentum=0.9, epsilon=1e-5, dtype=self.dtype, name=name
-        )
-        x = jnp.asarray(x, self.dtype)
-        # Convolutions without bias: the following BatchNorm's shift makes a bias redundant.
-        x = nn.Conv(32, (3, 3), padding="SAME", use_bias=False, dtype=self.dtype, name="conv1")(x)
-        x = nn.relu(bn("bn1")(x))
-        x = nn.Conv(64, (3, 3), padding="SAME", use_bias=False, dtype=self.dtype, name="conv2")(x)
-        x = nn.relu(bn("bn2")(x))
-        x = nn.max_pool(x, (2, 2), strides=(2, 2))  # 8x8 -> 4x4
-        x = x.reshape(x.shape[0], -1)  # 4*4*64 = 1024 features
-        x = nn.Dense(48, use_bias=False, dtype=self.dtype, name="fc1")(x)
-        x = nn.relu(bn("bn3")(x))
-        x = nn.Dense(self.num_classes, dtype=self.dtype, name="head")(x)
-        return jnp.asarray(x, jnp.float32)
+    bn = lambda name: nn.BatchNorm(  # noqa: E731 - local shorthand
+      use_running_average=not train, momentum=0.9, epsilon=1e-5, dtype=self.dtype, name=name
+    )
+    x = jnp.asarray(x, self.dtype)
+    # Convolutions without bias: the following BatchNorm's shift makes a bias redundant.
+    x = nn.Conv(32, (3, 3), padding="SAME", use_bias=False, dtype=self.dtype, name="conv1")(x)
+    x = nn.relu(bn("bn1")(x))
+    x = nn.Conv(64, (3, 3), padding="SAME", use_bias=False, dtype=self.dtype, name="conv2")(x)
+    x = nn.relu(bn("bn2")(x))
+    x = nn.max_pool(x, (2, 2), strides=(2, 2))  # 8x8 -> 4x4
+    x = x.reshape(x.shape[0], -1)  # 4*4*64 = 1024 features
+    x = nn.Dense(48, use_bias=False, dtype=self.dtype, name="fc1")(x)
+    x = nn.relu(bn("bn3")(x))
+    x = nn.Dense(self.num_classes, dtype=self.dtype, name="head")(x)
+    return jnp.asarray(x, jnp.float32)

@@ -32,36 +32,36 @@ _conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
 
 
 def _conv(
-    features: int,
-    kernel: int,
-    stride: int,
-    name: str,
-    dtype: Any,
-    groups: int = 1,
+  features: int,
+  kernel: int,
+  stride: int,
+  name: str,
+  dtype: Any,
+  groups: int = 1,
 ) -> nn.Conv:
-    pad = kernel // 2
-    return nn.Conv(
-        features,
-        (kernel, kernel),
-        strides=(stride, stride),
-        padding=((pad, pad), (pad, pad)),
-        feature_group_count=groups,
-        use_bias=False,
-        kernel_init=_conv_init,
-        dtype=dtype,
-        name=name,
-    )
+  pad = kernel // 2
+  return nn.Conv(
+    features,
+    (kernel, kernel),
+    strides=(stride, stride),
+    padding=((pad, pad), (pad, pad)),
+    feature_group_count=groups,
+    use_bias=False,
+    kernel_init=_conv_init,
+    dtype=dtype,
+    name=name,
+  )
 
 
 def _bn(train: bool, name: str, dtype: Any, zero_init: bool = False) -> nn.BatchNorm:
-    return nn.BatchNorm(
-        use_running_average=not train,
-        momentum=BN_MOMENTUM,
-        epsilon=BN_EPSILON,
-        dtype=dtype,
-        scale_init=nn.initializers.zeros if zero_init else nn.initializers.ones,
-        name=name,
-    )
+  return nn.BatchNorm(
+    use_running_average=not train,
+    momentum=BN_MOMENTUM,
+    epsilon=BN_EPSILON,
+    dtype=dtype,
+    scale_init=nn.initializers.zeros if zero_init else nn.initializers.ones,
+    name=name,
+  )
 
 
 # --------------------------------------------------------------------------------------------
@@ -70,148 +70,150 @@ def _bn(train: bool, name: str, dtype: Any, zero_init: bool = False) -> nn.Batch
 
 
 class BasicBlock(nn.Module):
-    """ResNet basic block (two 3x3 convs), expansion 1.
+  """ResNet basic block (two 3x3 convs), expansion 1.
 
-    Attributes:
-      planes: output channels.
-      stride: stride of the first conv and of the projection shortcut.
-      zero_init_residual: initialize the last BN scale to zero (Goyal et al. 2017).
-      dtype: computation dtype.
-    """
+  Attributes:
+    planes: output channels.
+    stride: stride of the first conv and of the projection shortcut.
+    zero_init_residual: initialize the last BN scale to zero (Goyal et al. 2017).
+    dtype: computation dtype.
+  """
 
-    planes: int
-    stride: int = 1
-    zero_init_residual: bool = False
-    dtype: Any = jnp.float32
+  planes: int
+  stride: int = 1
+  zero_init_residual: bool = False
+  dtype: Any = jnp.float32
 
-    expansion = 1
+  expansion = 1
 
-    @nn.compact
-    def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-        """Applies the block to NHWC ``x``; returns NHWC with ``planes`` channels."""
-        y = _conv(self.planes, 3, self.stride, "conv1", self.dtype)(x)
-        y = nn.relu(_bn(train, "bn1", self.dtype)(y))
-        y = _conv(self.planes, 3, 1, "conv2", self.dtype)(y)
-        y = _bn(train, "bn2", self.dtype, self.zero_init_residual)(y)
-        return nn.relu(y + _shortcut(x, self.planes, self.stride, train, self.dtype))
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+    """Applies the block to NHWC ``x``; returns NHWC with ``planes`` channels."""
+    y = _conv(self.planes, 3, self.stride, "conv1", self.dtype)(x)
+    y = nn.relu(_bn(train, "bn1", self.dtype)(y))
+    y = _conv(self.planes, 3, 1, "conv2", self.dtype)(y)
+    y = _bn(train, "bn2", self.dtype, self.zero_init_residual)(y)
+    return nn.relu(y + _shortcut(x, self.planes, self.stride, train, self.dtype))
 
 
 class Bottleneck(nn.Module):
-    """ResNet v1.5 bottleneck (1x1, 3x3 with stride, 1x1), expansion 4.
+  """ResNet v1.5 bottleneck (1x1, 3x3 with stride, 1x1), expansion 4.
 
-    Attributes:
-      planes: width of the 3x3 conv; the output has ``4 * planes`` channels.
-      stride: stride of the 3x3 conv and of the projection shortcut.
-      zero_init_residual: initialize the last BN scale to zero.
-      dtype: computation dtype.
-    """
+  Attributes:
+    planes: width of the 3x3 conv; the output has ``4 * planes`` channels.
+    stride: stride of the 3x3 conv and of the projection shortcut.
+    zero_init_residual: initialize the last BN scale to zero.
+    dtype: computation dtype.
+  """
 
-    planes: int
-    stride: int = 1
-    zero_init_residual: bool = False
-    dtype: Any = jnp.float32
+  planes: int
+  stride: int = 1
+  zero_init_residual: bool = False
+  dtype: Any = jnp.float32
 
-    expansion = 4
+  expansion = 4
 
-    @nn.compact
-    def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-        """Applies the block to NHWC ``x``; returns NHWC with ``4 * planes`` channels."""
-        out = self.planes * self.expansion
-        y = _conv(self.planes, 1, 1, "conv1", self.dtype)(x)
-        y = nn.relu(_bn(train, "bn1", self.dtype)(y))
-        y = _conv(self.planes, 3, self.stride, "conv2", self.dtype)(y)
-        y = nn.relu(_bn(train, "bn2", self.dtype)(y))
-        y = _conv(out, 1, 1, "conv3", self.dtype)(y)
-        y = _bn(train, "bn3", self.dtype, self.zero_init_residual)(y)
-        return nn.relu(y + _shortcut(x, out, self.stride, train, self.dtype))
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+    """Applies the block to NHWC ``x``; returns NHWC with ``4 * planes`` channels."""
+    out = self.planes * self.expansion
+    y = _conv(self.planes, 1, 1, "conv1", self.dtype)(x)
+    y = nn.relu(_bn(train, "bn1", self.dtype)(y))
+    y = _conv(self.planes, 3, self.stride, "conv2", self.dtype)(y)
+    y = nn.relu(_bn(train, "bn2", self.dtype)(y))
+    y = _conv(out, 1, 1, "conv3", self.dtype)(y)
+    y = _bn(train, "bn3", self.dtype, self.zero_init_residual)(y)
+    return nn.relu(y + _shortcut(x, out, self.stride, train, self.dtype))
 
 
 def _shortcut(x: jax.Array, features: int, stride: int, train: bool, dtype: Any) -> jax.Array:
-    # Called from inside a compact __call__, so the submodules below are named within the
-    # calling block ("downsample_conv", "downsample_bn"), as torchvision's downsample.0/.1.
-    if stride == 1 and x.shape[-1] == features:
-        return x
-    x = _conv(features, 1, stride, "downsample_conv", dtype)(x)
-    return _bn(train, "downsample_bn", dtype)(x)
+  # Called from inside a compact __call__, so the submodules below are named within the
+  # calling block ("downsample_conv", "downsample_bn"), as torchvision's downsample.0/.1.
+  if stride == 1 and x.shape[-1] == features:
+    return x
+  x = _conv(features, 1, stride, "downsample_conv", dtype)(x)
+  return _bn(train, "downsample_bn", dtype)(x)
 
 
 class ResNet(nn.Module):
-    """ImageNet ResNet (torchvision layout).
+  """ImageNet ResNet (torchvision layout).
 
-    Parameter paths: ``conv_init``, ``bn_init``, ``stage{1..4}_block{b}/{conv,bn}{1,2,3}``,
-    ``stage{s}_block0/downsample_{conv,bn}``, ``head``.
+  Parameter paths: ``conv_init``, ``bn_init``, ``stage{1..4}_block{b}/{conv,bn}{1,2,3}``,
+  ``stage{s}_block0/downsample_{conv,bn}``, ``head``.
 
-    Attributes:
-      stage_sizes: blocks per stage, e.g. ``(2, 2, 2, 2)`` for ResNet-18.
-      block_cls: :class:`BasicBlock` or :class:`Bottleneck`.
-      num_classes: classifier size.
-      zero_init_residual: zero-initialize the last BN scale of every block.
-      dtype: computation dtype.
+  Attributes:
+    stage_sizes: blocks per stage, e.g. ``(2, 2, 2, 2)`` for ResNet-18.
+    block_cls: :class:`BasicBlock` or :class:`Bottleneck`.
+    num_classes: classifier size.
+    zero_init_residual: zero-initialize the last BN scale of every block.
+    dtype: computation dtype.
+  """
+
+  stage_sizes: Sequence[int]
+  block_cls: type[nn.Module]
+  num_classes: int = 1000
+  zero_init_residual: bool = False
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+    """Computes logits.
+
+    Args:
+      x: NHWC images (ImageNet-normalized; 224x224 nominal, any size >= 32 works).
+      train: batch statistics (True) or running averages (False) in BatchNorm.
+
+    Returns:
+      float32 logits ``(batch, num_classes)``.
     """
-
-    stage_sizes: Sequence[int]
-    block_cls: type[nn.Module]
-    num_classes: int = 1000
-    zero_init_residual: bool = False
-    dtype: Any = jnp.float32
-
-    @nn.compact
-    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-        """Computes logits.
-
-        Args:
-          x: NHWC images (ImageNet-normalized; 224x224 nominal, any size >= 32 works).
-          train: batch statistics (True) or running averages (False) in BatchNorm.
-
-        Returns:
-          float32 logits ``(batch, num_classes)``.
-        """
-        x = jnp.asarray(x, self.dtype)
-        x = _conv(64, 7, 2, "conv_init", self.dtype)(x)
-        x = nn.relu(_bn(train, "bn_init", self.dtype)(x))
-        # max_pool pads with -inf, matching PyTorch's MaxPool2d(3, 2, padding=1).
-        x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
-        for s, (num_blocks, planes) in enumerate(zip(self.stage_sizes, (64, 128, 256, 512), strict=True), start=1):
-            for b in range(num_blocks):
-                stride = 2 if (s > 1 and b == 0) else 1
-                x = self.block_cls(
-                    planes,
-                    stride,
-                    zero_init_residual=self.zero_init_residual,
-                    dtype=self.dtype,
-                    name=f"stage{s}_block{b}",
-                )(x, train)
-        x = jnp.mean(x, axis=(1, 2))
-        x = nn.Dense(self.num_classes, dtype=self.dtype, name="head")(x)
-        return jnp.asarray(x, jnp.float32)
+    x = jnp.asarray(x, self.dtype)
+    x = _conv(64, 7, 2, "conv_init", self.dtype)(x)
+    x = nn.relu(_bn(train, "bn_init", self.dtype)(x))
+    # max_pool pads with -inf, matching PyTorch's MaxPool2d(3, 2, padding=1).
+    x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+    for s, (num_blocks, planes) in enumerate(
+      zip(self.stage_sizes, (64, 128, 256, 512), strict=True), start=1
+    ):
+      for b in range(num_blocks):
+        stride = 2 if (s > 1 and b == 0) else 1
+        x = self.block_cls(
+          planes,
+          stride,
+          zero_init_residual=self.zero_init_residual,
+          dtype=self.dtype,
+          name=f"stage{s}_block{b}",
+        )(x, train)
+    x = jnp.mean(x, axis=(1, 2))
+    x = nn.Dense(self.num_classes, dtype=self.dtype, name="head")(x)
+    return jnp.asarray(x, jnp.float32)
 
 
 def resnet18(num_classes: int = 1000, dtype: Any = jnp.float32, **kwargs: Any) -> ResNet:
-    """ResNet-18 (11.69M parameters at 1000 classes).
+  """ResNet-18 (11.69M parameters at 1000 classes).
 
-    Args:
-      num_classes: classifier size.
-      dtype: computation dtype.
-      **kwargs: other :class:`ResNet` attributes (e.g. ``zero_init_residual``).
+  Args:
+    num_classes: classifier size.
+    dtype: computation dtype.
+    **kwargs: other :class:`ResNet` attributes (e.g. ``zero_init_residual``).
 
-    Returns:
-      The (unbound) module.
-    """
-    return ResNet((2, 2, 2, 2), BasicBlock, num_classes=num_classes, dtype=dtype, **kwargs)
+  Returns:
+    The (unbound) module.
+  """
+  return ResNet((2, 2, 2, 2), BasicBlock, num_classes=num_classes, dtype=dtype, **kwargs)
 
 
 def resnet50(num_classes: int = 1000, dtype: Any = jnp.float32, **kwargs: Any) -> ResNet:
-    """ResNet-50 v1.5 (25.56M parameters at 1000 classes).
+  """ResNet-50 v1.5 (25.56M parameters at 1000 classes).
 
-    Args:
-      num_classes: classifier size.
-      dtype: computation dtype.
-      **kwargs: other :class:`ResNet` attributes.
+  Args:
+    num_classes: classifier size.
+    dtype: computation dtype.
+    **kwargs: other :class:`ResNet` attributes.
 
-    Returns:
-      The (unbound) module.
-    """
-    return ResNet((3, 4, 6, 3), Bottleneck, num_classes=num_classes, dtype=dtype, **kwargs)
+  Returns:
+    The (unbound) module.
+  """
+  return ResNet((3, 4, 6, 3), Bottleneck, num_classes=num_classes, dtype=dtype, **kwargs)
 
 
 # --------------------------------------------------------------------------------------------
@@ -220,11 +222,11 @@ def resnet50(num_classes: int = 1000, dtype: Any = jnp.float32, **kwargs: Any) -
 
 
 def _make_divisible(v: float, divisor: int = 8) -> int:
-    """Rounds channel counts as the MobileNet-V2 reference does (never below 90% of ``v``)."""
-    new_v = max(divisor, int(v + divisor / 2) // divisor * divisor)
-    if new_v < 0.9 * v:
-        new_v += divisor
-    return new_v
+  """Rounds channel counts as the MobileNet-V2 reference does (never below 90% of ``v``)."""
+  new_v = max(divisor, int(v + divisor / 2) // divisor * divisor)
+  if new_v < 0.9 * v:
+    new_v += divisor
+  return new_v
 
 
 # (output channels, stride) of the 13 depthwise-separable blocks of MobileNet-V1.
@@ -235,60 +237,62 @@ _MOBILENET_V1_BLOCKS: tuple[tuple[int, int], ...] = (
 
 
 class MobileNetV1(nn.Module):
-    """MobileNet-V1 (Howard et al. 2017).
+  """MobileNet-V1 (Howard et al. 2017).
 
-    Parameter paths: ``conv_init``, ``bn_init``, ``block{i}/{dw_conv,dw_bn,pw_conv,pw_bn}``
-    for i in 0..12, ``head``.
+  Parameter paths: ``conv_init``, ``bn_init``, ``block{i}/{dw_conv,dw_bn,pw_conv,pw_bn}``
+  for i in 0..12, ``head``.
 
-    Attributes:
-      num_classes: classifier size.
-      width: width multiplier alpha (channels ``int(c * alpha)``).
-      dropout_rate: dropout before the classifier (reference: 1e-3); needs a 'dropout' RNG
-        in training when > 0.
-      dtype: computation dtype.
+  Attributes:
+    num_classes: classifier size.
+    width: width multiplier alpha (channels ``int(c * alpha)``).
+    dropout_rate: dropout before the classifier (reference: 1e-3); needs a 'dropout' RNG
+      in training when > 0.
+    dtype: computation dtype.
+  """
+
+  num_classes: int = 1000
+  width: float = 1.0
+  dropout_rate: float = 0.0
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+    """Computes logits.
+
+    Args:
+      x: NHWC images.
+      train: batch statistics in BatchNorm and active dropout when True.
+
+    Returns:
+      float32 logits ``(batch, num_classes)``.
     """
-
-    num_classes: int = 1000
-    width: float = 1.0
-    dropout_rate: float = 0.0
-    dtype: Any = jnp.float32
-
-    @nn.compact
-    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-        """Computes logits.
-
-        Args:
-          x: NHWC images.
-          train: batch statistics in BatchNorm and active dropout when True.
-
-        Returns:
-          float32 logits ``(batch, num_classes)``.
-        """
-        x = jnp.asarray(x, self.dtype)
-        x = _conv(int(32 * self.width), 3, 2, "conv_init", self.dtype)(x)
-        x = nn.relu(_bn(train, "bn_init", self.dtype)(x))
-        for i, (channels, stride) in enumerate(_MOBILENET_V1_BLOCKS):
-            x = _SeparableBlock(int(channels * self.width), stride, dtype=self.dtype, name=f"block{i}")(x, train)
-        x = jnp.mean(x, axis=(1, 2))
-        x = nn.Dropout(self.dropout_rate, deterministic=not train or self.dropout_rate == 0.0)(x)
-        x = nn.Dense(self.num_classes, dtype=self.dtype, name="head")(x)
-        return jnp.asarray(x, jnp.float32)
+    x = jnp.asarray(x, self.dtype)
+    x = _conv(int(32 * self.width), 3, 2, "conv_init", self.dtype)(x)
+    x = nn.relu(_bn(train, "bn_init", self.dtype)(x))
+    for i, (channels, stride) in enumerate(_MOBILENET_V1_BLOCKS):
+      x = _SeparableBlock(int(channels * self.width), stride, dtype=self.dtype, name=f"block{i}")(
+        x, train
+      )
+    x = jnp.mean(x, axis=(1, 2))
+    x = nn.Dropout(self.dropout_rate, deterministic=not train or self.dropout_rate == 0.0)(x)
+    x = nn.Dense(self.num_classes, dtype=self.dtype, name="head")(x)
+    return jnp.asarray(x, jnp.float32)
 
 
 class _SeparableBlock(nn.Module):
-    """Depthwise 3x3 conv-BN-ReLU followed by pointwise 1x1 conv-BN-ReLU."""
+  """Depthwise 3x3 conv-BN-ReLU followed by pointwise 1x1 conv-BN-ReLU."""
 
-    features: int
-    stride: int
-    dtype: Any = jnp.float32
+  features: int
+  stride: int
+  dtype: Any = jnp.float32
 
-    @nn.compact
-    def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-        channels = x.shape[-1]
-        x = _conv(channels, 3, self.stride, "dw_conv", self.dtype, groups=channels)(x)
-        x = nn.relu(_bn(train, "dw_bn", self.dtype)(x))
-        x = _conv(self.features, 1, 1, "pw_conv", self.dtype)(x)
-        return nn.relu(_bn(train, "pw_bn", self.dtype)(x))
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+    channels = x.shape[-1]
+    x = _conv(channels, 3, self.stride, "dw_conv", self.dtype, groups=channels)(x)
+    x = nn.relu(_bn(train, "dw_bn", self.dtype)(x))
+    x = _conv(self.features, 1, 1, "pw_conv", self.dtype)(x)
+    return nn.relu(_bn(train, "pw_bn", self.dtype)(x))
 
 
 # (expansion t, output channels c, repeats n, first stride s) of MobileNet-V2.
@@ -299,108 +303,108 @@ _MOBILENET_V2_SETTINGS: tuple[tuple[int, int, int, int], ...] = (
 
 
 class _InvertedResidual(nn.Module):
-    """MobileNet-V2 block: [1x1 expand-BN-ReLU6] -> 3x3 depthwise-BN-ReLU6 -> 1x1 project-BN."""
+  """MobileNet-V2 block: [1x1 expand-BN-ReLU6] -> 3x3 depthwise-BN-ReLU6 -> 1x1 project-BN."""
 
-    features: int
-    stride: int
-    expand_ratio: int
-    dtype: Any = jnp.float32
+  features: int
+  stride: int
+  expand_ratio: int
+  dtype: Any = jnp.float32
 
-    @nn.compact
-    def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-        inp = x.shape[-1]
-        hidden = int(round(inp * self.expand_ratio))
-        y = x
-        if self.expand_ratio != 1:
-            y = _conv(hidden, 1, 1, "expand_conv", self.dtype)(y)
-            y = nn.relu6(_bn(train, "expand_bn", self.dtype)(y))
-        y = _conv(hidden, 3, self.stride, "dw_conv", self.dtype, groups=hidden)(y)
-        y = nn.relu6(_bn(train, "dw_bn", self.dtype)(y))
-        y = _conv(self.features, 1, 1, "project_conv", self.dtype)(y)
-        y = _bn(train, "project_bn", self.dtype)(y)  # linear bottleneck: no activation
-        if self.stride == 1 and inp == self.features:
-            y = y + x
-        return y
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+    inp = x.shape[-1]
+    hidden = int(round(inp * self.expand_ratio))
+    y = x
+    if self.expand_ratio != 1:
+      y = _conv(hidden, 1, 1, "expand_conv", self.dtype)(y)
+      y = nn.relu6(_bn(train, "expand_bn", self.dtype)(y))
+    y = _conv(hidden, 3, self.stride, "dw_conv", self.dtype, groups=hidden)(y)
+    y = nn.relu6(_bn(train, "dw_bn", self.dtype)(y))
+    y = _conv(self.features, 1, 1, "project_conv", self.dtype)(y)
+    y = _bn(train, "project_bn", self.dtype)(y)  # linear bottleneck: no activation
+    if self.stride == 1 and inp == self.features:
+      y = y + x
+    return y
 
 
 class MobileNetV2(nn.Module):
-    """MobileNet-V2 (Sandler et al. 2018), torchvision layout.
+  """MobileNet-V2 (Sandler et al. 2018), torchvision layout.
 
-    Parameter paths: ``conv_init``, ``bn_init``,
-    ``block{i}/{expand_conv,expand_bn,dw_conv,dw_bn,project_conv,project_bn}`` for i in
-    0..16 (block0 has no expand layer), ``conv_last``, ``bn_last``, ``head``.
+  Parameter paths: ``conv_init``, ``bn_init``,
+  ``block{i}/{expand_conv,expand_bn,dw_conv,dw_bn,project_conv,project_bn}`` for i in
+  0..16 (block0 has no expand layer), ``conv_last``, ``bn_last``, ``head``.
 
-    Attributes:
-      num_classes: classifier size.
-      width: width multiplier (channels rounded to multiples of 8).
-      dropout_rate: dropout before the classifier (torchvision: 0.2); needs a 'dropout' RNG
-        in training when > 0.
-      dtype: computation dtype.
+  Attributes:
+    num_classes: classifier size.
+    width: width multiplier (channels rounded to multiples of 8).
+    dropout_rate: dropout before the classifier (torchvision: 0.2); needs a 'dropout' RNG
+      in training when > 0.
+    dtype: computation dtype.
+  """
+
+  num_classes: int = 1000
+  width: float = 1.0
+  dropout_rate: float = 0.0
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+    """Computes logits.
+
+    Args:
+      x: NHWC images.
+      train: batch statistics in BatchNorm and active dropout when True.
+
+    Returns:
+      float32 logits ``(batch, num_classes)``.
     """
-
-    num_classes: int = 1000
-    width: float = 1.0
-    dropout_rate: float = 0.0
-    dtype: Any = jnp.float32
-
-    @nn.compact
-    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-        """Computes logits.
-
-        Args:
-          x: NHWC images.
-          train: batch statistics in BatchNorm and active dropout when True.
-
-        Returns:
-          float32 logits ``(batch, num_classes)``.
-        """
-        x = jnp.asarray(x, self.dtype)
-        x = _conv(_make_divisible(32 * self.width), 3, 2, "conv_init", self.dtype)(x)
-        x = nn.relu6(_bn(train, "bn_init", self.dtype)(x))
-        i = 0
-        for t, c, n, s in _MOBILENET_V2_SETTINGS:
-            for r in range(n):
-                x = _InvertedResidual(
-                    _make_divisible(c * self.width), s if r == 0 else 1, t, dtype=self.dtype, name=f"block{i}"
-                )(x, train)
-                i += 1
-        last = _make_divisible(1280 * max(1.0, self.width))
-        x = _conv(last, 1, 1, "conv_last", self.dtype)(x)
-        x = nn.relu6(_bn(train, "bn_last", self.dtype)(x))
-        x = jnp.mean(x, axis=(1, 2))
-        x = nn.Dropout(self.dropout_rate, deterministic=not train or self.dropout_rate == 0.0)(x)
-        x = nn.Dense(
-            self.num_classes,
-            kernel_init=nn.initializers.normal(0.01),  # torchvision's classifier init
-            dtype=self.dtype,
-            name="head",
-        )(x)
-        return jnp.asarray(x, jnp.float32)
+    x = jnp.asarray(x, self.dtype)
+    x = _conv(_make_divisible(32 * self.width), 3, 2, "conv_init", self.dtype)(x)
+    x = nn.relu6(_bn(train, "bn_init", self.dtype)(x))
+    i = 0
+    for t, c, n, s in _MOBILENET_V2_SETTINGS:
+      for r in range(n):
+        x = _InvertedResidual(
+          _make_divisible(c * self.width), s if r == 0 else 1, t, dtype=self.dtype, name=f"block{i}"
+        )(x, train)
+        i += 1
+    last = _make_divisible(1280 * max(1.0, self.width))
+    x = _conv(last, 1, 1, "conv_last", self.dtype)(x)
+    x = nn.relu6(_bn(train, "bn_last", self.dtype)(x))
+    x = jnp.mean(x, axis=(1, 2))
+    x = nn.Dropout(self.dropout_rate, deterministic=not train or self.dropout_rate == 0.0)(x)
+    x = nn.Dense(
+      self.num_classes,
+      kernel_init=nn.initializers.normal(0.01),  # torchvision's classifier init
+      dtype=self.dtype,
+      name="head",
+    )(x)
+    return jnp.asarray(x, jnp.float32)
 
 
 def mobilenet_v1(num_classes: int = 1000, dtype: Any = jnp.float32, **kwargs: Any) -> MobileNetV1:
-    """MobileNet-V1, width 1.0 by default (4.23M parameters at 1000 classes).
+  """MobileNet-V1, width 1.0 by default (4.23M parameters at 1000 classes).
 
-    Args:
-      num_classes: classifier size.
-      dtype: computation dtype.
-      **kwargs: other :class:`MobileNetV1` attributes (``width``, ``dropout_rate``).
+  Args:
+    num_classes: classifier size.
+    dtype: computation dtype.
+    **kwargs: other :class:`MobileNetV1` attributes (``width``, ``dropout_rate``).
 
-    Returns:
-      The (unbound) module.
-    """
-    return MobileNetV1(num_classes=num_classes, dtype=dtype, **kwargs)
+  Returns:
+    The (unbound) module.
+  """
+  return MobileNetV1(num_classes=num_classes, dtype=dtype, **kwargs)
 
 
 def mobilenet_v2(num_classes: int = 1000, dtype: Any = jnp.float32, **kwargs: Any) -> MobileNetV2:
-    """MobileNet-V2, width 1.0 by default (3.50M parameters at 1000 classes).
+  """MobileNet-V2, width 1.0 by default (3.50M parameters at 1000 classes).
 
-    Args:
-      num_classes: classifier size.
-      dtype: computation dtype.
-      **kwargs: other :class:`MobileNetV2` attributes (``width``, ``dropout_rate``).
+  Args:
+    num_classes: classifier size.
+    dtype: computation dtype.
+    **kwargs: other :class:`MobileNetV2` attributes (``width``, ``dropout_rate``).
 
-    Returns:
-      The (unbound) module.
-    """
-    return MobileNetV2(num_classes=num_classes, dtype=dtype, **kwargs)
+  Returns:
+    The (unbound) module.
+  """
+  return MobileNetV2(num_classes=num_classes, dtype=dtype, **kwargs)

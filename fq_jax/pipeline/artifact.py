@@ -86,8 +86,11 @@ def estimate_sizes(params, batch_stats, rows: list[dict[str, Any]]) -> dict[str,
       kernel_bits += bits
   for leaf in jax.tree.leaves(batch_stats):
     total_bits += 32.0 * np.size(leaf) + 8 * HEADER_BYTES
-  return {"artifact_bytes": int(math.ceil(total_bits / 8)),
-          "kernel_bytes": int(math.ceil(kernel_bits / 8)), "estimate": True}
+  return {
+    "artifact_bytes": int(math.ceil(total_bits / 8)),
+    "kernel_bytes": int(math.ceil(kernel_bits / 8)),
+    "estimate": True,
+  }
 
 
 def mask_rows(params, masks) -> list[dict[str, Any]]:
@@ -100,9 +103,19 @@ def mask_rows(params, masks) -> list[dict[str, Any]]:
     if m is None:
       continue
     kept = int(np.sum(np.asarray(m)))
-    rows.append(dict(path=name, shape=list(np.shape(leaf)), size=int(np.size(leaf)), kept=kept,
-                     sparsity=1.0 - kept / max(int(np.size(leaf)), 1), kind="pruned", bits=32,
-                     mse=0.0, entropy_bits=32.0))
+    rows.append(
+      dict(
+        path=name,
+        shape=list(np.shape(leaf)),
+        size=int(np.size(leaf)),
+        kept=kept,
+        sparsity=1.0 - kept / max(int(np.size(leaf)), 1),
+        kind="pruned",
+        bits=32,
+        mse=0.0,
+        entropy_bits=32.0,
+      )
+    )
   return rows
 
 
@@ -111,8 +124,9 @@ def codec_available() -> bool:
   return hasattr(fq, "save_fqz")
 
 
-def write_artifact(path: str, variables: dict[str, Any], state, *, coder: str,
-                   metadata: dict[str, Any]) -> dict[str, Any]:
+def write_artifact(
+  path: str, variables: dict[str, Any], state, *, coder: str, metadata: dict[str, Any]
+) -> dict[str, Any]:
   """Writes `path` with the codec, reads it back and returns its real sizes.
 
   Args:
@@ -131,11 +145,11 @@ def write_artifact(path: str, variables: dict[str, Any], state, *, coder: str,
   decoded = fq.load_fqz(path)
   summary = fq.artifact_summary(decoded)
   return {
-      "artifact_bytes": int(os.path.getsize(path)),
-      "paper_style_compression_ratio": summary.get("paper_style_compression_ratio"),
-      "summary": {k: v for k, v in summary.items() if k not in ("layers", "metadata")},
-      "decoded": decoded.tree(),
-      "estimate": False,
+    "artifact_bytes": int(os.path.getsize(path)),
+    "paper_style_compression_ratio": summary.get("paper_style_compression_ratio"),
+    "summary": {k: v for k, v in summary.items() if k not in ("layers", "metadata")},
+    "decoded": decoded.tree(),
+    "estimate": False,
   }
 
 
@@ -144,5 +158,7 @@ def trees_equal(a, b) -> bool:
   la, lb = jax.tree.leaves(a), jax.tree.leaves(b)
   if jax.tree.structure(a) != jax.tree.structure(b) or len(la) != len(lb):
     return False
-  return all(np.asarray(x).dtype == np.asarray(y).dtype and np.array_equal(np.asarray(x), np.asarray(y))
-             for x, y in zip(la, lb))
+  return all(
+    np.asarray(x).dtype == np.asarray(y).dtype and np.array_equal(np.asarray(x), np.asarray(y))
+    for x, y in zip(la, lb)
+  )

@@ -49,8 +49,11 @@ class Checkpoints:
   def __init__(self, directory: str, *, max_to_keep: int = 2, async_save: bool = True):
     self.directory = os.path.abspath(directory)
     options = ocp.CheckpointManagerOptions(
-        max_to_keep=max_to_keep, create=True, enable_async_checkpointing=async_save,
-        cleanup_tmp_directories=True)
+      max_to_keep=max_to_keep,
+      create=True,
+      enable_async_checkpointing=async_save,
+      cleanup_tmp_directories=True,
+    )
     self.manager = ocp.CheckpointManager(self.directory, options=options)
     self._next = (self.latest() or 0) + 1
 
@@ -67,10 +70,15 @@ class Checkpoints:
     """Saves `state` ({name: pytree}) and `meta`; returns the new id."""
     step = self._next
     self._next += 1
-    self.manager.save(step, args=ocp.args.Composite(**{
-        STATE_ITEM: ocp.args.StandardSave(flatten_state(state)),
-        META_ITEM: ocp.args.JsonSave(meta),
-    }))
+    self.manager.save(
+      step,
+      args=ocp.args.Composite(
+        **{
+          STATE_ITEM: ocp.args.StandardSave(flatten_state(state)),
+          META_ITEM: ocp.args.JsonSave(meta),
+        }
+      ),
+    )
     return step
 
   def restore(self, step: int, abstract: dict[str, Any]) -> dict[str, Any]:
@@ -85,8 +93,9 @@ class Checkpoints:
       {name: tree of jax.Array}.
     """
     target = flatten_state(abstract)
-    out = self.manager.restore(step, args=ocp.args.Composite(**{
-        STATE_ITEM: ocp.args.StandardRestore(target)}))
+    out = self.manager.restore(
+      step, args=ocp.args.Composite(**{STATE_ITEM: ocp.args.StandardRestore(target)})
+    )
     return unflatten_state(out[STATE_ITEM], abstract)
 
   def wait(self) -> None:

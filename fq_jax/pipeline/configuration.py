@@ -29,7 +29,6 @@ import os
 import re
 from typing import Any
 
-
 import fq_jax as fq
 from fq_jax._src.quantizers import MAX_BITS, MIN_BITS
 
@@ -44,8 +43,15 @@ STAGES = TRAIN_STAGES + ("evaluate",)
 
 # Keys that may differ between the run that wrote a checkpoint and the run
 # that resumes it: they change logging or checkpoint cadence, not the numbers.
-VOLATILE_KEYS = ("progress_bar", "log_every", "checkpoint_every_steps", "max_checkpoints",
-                 "async_checkpointing", "jax_cache_dir", "dataset.num_threads")
+VOLATILE_KEYS = (
+  "progress_bar",
+  "log_every",
+  "checkpoint_every_steps",
+  "max_checkpoints",
+  "async_checkpointing",
+  "jax_cache_dir",
+  "dataset.num_threads",
+)
 
 
 class ConfigError(ValueError):
@@ -58,8 +64,13 @@ class ConfigError(ValueError):
 
 _BOOL_WORDS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
 _RULE_FIELDS = {
-    "prune": "bool", "quantize": "bool", "recentralize": "bool",
-    "sparsity": "float", "w_sep": "float", "bits": "int", "min_ndim": "int",
+  "prune": "bool",
+  "quantize": "bool",
+  "recentralize": "bool",
+  "sparsity": "float",
+  "w_sep": "float",
+  "bits": "int",
+  "min_ndim": "int",
 }
 
 
@@ -84,8 +95,9 @@ def parse_rule(text: str, key: str = "quant.rules") -> fq.Rule:
     name, eq, value = item.partition("=")
     name, value = name.strip(), value.strip()
     if not eq or name not in _RULE_FIELDS:
-      raise ConfigError(key, f"rule {text!r}: unknown setting {item!r} "
-                        f"(known: {', '.join(sorted(_RULE_FIELDS))})")
+      raise ConfigError(
+        key, f"rule {text!r}: unknown setting {item!r} (known: {', '.join(sorted(_RULE_FIELDS))})"
+      )
     kind = _RULE_FIELDS[name]
     try:
       if kind == "bool":
@@ -123,19 +135,34 @@ def validate(config) -> None:
     ConfigError: naming the first bad key.
   """
   c = config
-  _check(c.model.name in MODEL_NAMES, "model.name",
-         f"unknown model {c.model.name!r} (valid: {', '.join(MODEL_NAMES)})")
+  _check(
+    c.model.name in MODEL_NAMES,
+    "model.name",
+    f"unknown model {c.model.name!r} (valid: {', '.join(MODEL_NAMES)})",
+  )
   if c.model.depth is not None:
-    _check(c.model.name == "cifar_resnet", "model.depth",
-           f"only cifar_resnet has a depth, not {c.model.name!r}")
-    _check(c.model.depth >= 8 and (c.model.depth - 2) % 6 == 0, "model.depth",
-           f"must be 6n+2 (20, 32, 44, 56, 110, ...), got {c.model.depth}")
-  _check(c.dataset.name in DATASET_NAMES, "dataset.name",
-         f"unknown dataset {c.dataset.name!r} (valid: {', '.join(DATASET_NAMES)})")
+    _check(
+      c.model.name == "cifar_resnet",
+      "model.depth",
+      f"only cifar_resnet has a depth, not {c.model.name!r}",
+    )
+    _check(
+      c.model.depth >= 8 and (c.model.depth - 2) % 6 == 0,
+      "model.depth",
+      f"must be 6n+2 (20, 32, 44, 56, 110, ...), got {c.model.depth}",
+    )
+  _check(
+    c.dataset.name in DATASET_NAMES,
+    "dataset.name",
+    f"unknown dataset {c.dataset.name!r} (valid: {', '.join(DATASET_NAMES)})",
+  )
   if c.init_from:
     _check(os.path.isfile(c.init_from), "init_from", f"file not found: {c.init_from}")
-    _check(c.init_from.endswith(".npz"), "init_from",
-           f"expected a .npz file (PyTorch CIFAR ResNet or flat Flax variables), got {c.init_from}")
+    _check(
+      c.init_from.endswith(".npz"),
+      "init_from",
+      f"expected a .npz file (PyTorch CIFAR ResNet or flat Flax variables), got {c.init_from}",
+    )
   for key in ("batch_size", "eval_batch_size"):
     _check(isinstance(c[key], int) and c[key] > 0, key, f"must be a positive integer, got {c[key]}")
   for key in ("dense_epochs", "prune_epochs", "quant_epochs_per_step"):
@@ -144,37 +171,76 @@ def validate(config) -> None:
   _check(c.weight_decay >= 0, "weight_decay", f"must be >= 0, got {c.weight_decay}")
   _check(0 <= c.momentum < 1, "momentum", f"must be in [0, 1), got {c.momentum}")
   for prefix, sub in (("", c), ("prune.", c.prune), ("quant.", c.quant)):
-    _check(sub.lr_schedule in LR_SCHEDULES, prefix + "lr_schedule",
-           f"unknown schedule {sub.lr_schedule!r} (valid: {', '.join(LR_SCHEDULES)})")
+    _check(
+      sub.lr_schedule in LR_SCHEDULES,
+      prefix + "lr_schedule",
+      f"unknown schedule {sub.lr_schedule!r} (valid: {', '.join(LR_SCHEDULES)})",
+    )
     if sub.get("learning_rate") is not None:
-      _check(sub.learning_rate > 0, prefix + "learning_rate", f"must be > 0, got {sub.learning_rate}")
-  _check(c.prune.method in PRUNE_METHODS, "prune.method",
-         f"unknown method {c.prune.method!r} (valid: {', '.join(PRUNE_METHODS)})")
-  _check(0.0 <= c.prune.sparsity < 1.0, "prune.sparsity",
-         f"must be in [0, 1), got {c.prune.sparsity}")
-  _check(c.prune.update_every >= 1, "prune.update_every", f"must be >= 1, got {c.prune.update_every}")
-  _check(isinstance(c.quant.bits, int) and MIN_BITS <= c.quant.bits <= MAX_BITS, "quant.bits",
-         f"must be an integer in [{MIN_BITS}, {MAX_BITS}], got {c.quant.bits}")
+      _check(
+        sub.learning_rate > 0, prefix + "learning_rate", f"must be > 0, got {sub.learning_rate}"
+      )
+  _check(
+    c.prune.method in PRUNE_METHODS,
+    "prune.method",
+    f"unknown method {c.prune.method!r} (valid: {', '.join(PRUNE_METHODS)})",
+  )
+  _check(
+    0.0 <= c.prune.sparsity < 1.0, "prune.sparsity", f"must be in [0, 1), got {c.prune.sparsity}"
+  )
+  _check(
+    c.prune.update_every >= 1, "prune.update_every", f"must be >= 1, got {c.prune.update_every}"
+  )
+  _check(
+    isinstance(c.quant.bits, int) and MIN_BITS <= c.quant.bits <= MAX_BITS,
+    "quant.bits",
+    f"must be an integer in [{MIN_BITS}, {MAX_BITS}], got {c.quant.bits}",
+  )
   _check(c.quant.w_sep >= 0, "quant.w_sep", f"must be >= 0, got {c.quant.w_sep}")
-  _check(c.quant.inq_order in ("magnitude", "error"), "quant.inq_order",
-         f"must be 'magnitude' or 'error', got {c.quant.inq_order!r}")
+  _check(
+    c.quant.inq_order in ("magnitude", "error"),
+    "quant.inq_order",
+    f"must be 'magnitude' or 'error', got {c.quant.inq_order!r}",
+  )
   fractions = tuple(c.quant.inq_fractions)
-  _check(bool(fractions) and fractions[-1] == 1.0 and list(fractions) == sorted(fractions)
-         and all(0 < f <= 1 for f in fractions), "quant.inq_fractions",
-         f"must increase within (0, 1] and end at 1.0, got {fractions}")
-  _check(c.quant.refit_growth >= 1, "quant.refit_growth", f"must be >= 1, got {c.quant.refit_growth}")
+  _check(
+    bool(fractions)
+    and fractions[-1] == 1.0
+    and list(fractions) == sorted(fractions)
+    and all(0 < f <= 1 for f in fractions),
+    "quant.inq_fractions",
+    f"must increase within (0, 1] and end at 1.0, got {fractions}",
+  )
+  _check(
+    c.quant.refit_growth >= 1, "quant.refit_growth", f"must be >= 1, got {c.quant.refit_growth}"
+  )
   act, bn = c.quant.activation_bits, c.quant.bn_bits
-  _check(isinstance(act, int) and (act == 0 or 2 <= act <= 16), "quant.activation_bits",
-         f"must be 0 (float) or an integer in [2, 16], got {act}")
-  _check(isinstance(bn, int) and (bn == 0 or 2 <= bn <= 24), "quant.bn_bits",
-         f"must be 0 (float) or an integer in [2, 24], got {bn}")
-  _check(c.quant.activation_calibration_batches >= 1, "quant.activation_calibration_batches",
-         f"must be >= 1, got {c.quant.activation_calibration_batches}")
-  _check(0 < c.quant.activation_percentile <= 100, "quant.activation_percentile",
-         f"must be in (0, 100], got {c.quant.activation_percentile}")
+  _check(
+    isinstance(act, int) and (act == 0 or 2 <= act <= 16),
+    "quant.activation_bits",
+    f"must be 0 (float) or an integer in [2, 16], got {act}",
+  )
+  _check(
+    isinstance(bn, int) and (bn == 0 or 2 <= bn <= 24),
+    "quant.bn_bits",
+    f"must be 0 (float) or an integer in [2, 24], got {bn}",
+  )
+  _check(
+    c.quant.activation_calibration_batches >= 1,
+    "quant.activation_calibration_batches",
+    f"must be >= 1, got {c.quant.activation_calibration_batches}",
+  )
+  _check(
+    0 < c.quant.activation_percentile <= 100,
+    "quant.activation_percentile",
+    f"must be in (0, 100], got {c.quant.activation_percentile}",
+  )
   compression_rules(c)  # raises ConfigError for a malformed rule
-  _check(c.checkpoint_every_steps >= 0, "checkpoint_every_steps",
-         f"must be >= 0, got {c.checkpoint_every_steps}")
+  _check(
+    c.checkpoint_every_steps >= 0,
+    "checkpoint_every_steps",
+    f"must be >= 0, got {c.checkpoint_every_steps}",
+  )
 
 
 def steps_for(epochs: float, steps_per_epoch: int) -> int:
@@ -223,14 +289,17 @@ def quant_steps(config, steps_per_epoch: int) -> QuantSteps:
   per = steps_for(config.quant_epochs_per_step, steps_per_epoch)
   if per == 0:
     return QuantSteps(per_inq_step=0, final=0, refit_every=0, num_inq_steps=1)
-  final_epochs = q.final_epochs if q.final_epochs >= 0 else config.quant_epochs_per_step * 10.0 / 3.0
+  final_epochs = (
+    q.final_epochs if q.final_epochs >= 0 else config.quant_epochs_per_step * 10.0 / 3.0
+  )
   final = steps_for(final_epochs, steps_per_epoch)
   if q.refit_every_epochs is None:
     refit = per  # re-estimate at the first INQ boundary, then ever more rarely
   else:
     refit = steps_for(q.refit_every_epochs, steps_per_epoch)
-  return QuantSteps(per_inq_step=per, final=final, refit_every=refit,
-                    num_inq_steps=len(tuple(q.inq_fractions)))
+  return QuantSteps(
+    per_inq_step=per, final=final, refit_every=refit, num_inq_steps=len(tuple(q.inq_fractions))
+  )
 
 
 def config_json(config) -> dict[str, Any]:
@@ -262,7 +331,9 @@ def parse_override_error(argv: list[str], exc: BaseException) -> str:
   if isinstance(exc, (KeyError, AttributeError)) and m:
     bad = m.group(1)
     for arg in argv:
-      if arg.startswith("--config.") and re.search(rf"\.{re.escape(bad)}(=|\.|$)", arg.split("=")[0] + "="):
-        return f"unknown config key {arg.split('=')[0][len('--config.'):]!r} (in {arg})"
+      if arg.startswith("--config.") and re.search(
+        rf"\.{re.escape(bad)}(=|\.|$)", arg.split("=")[0] + "="
+      ):
+        return f"unknown config key {arg.split('=')[0][len('--config.') :]!r} (in {arg})"
     return f"unknown config key {bad!r}"
   return text

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Iterator
+from collections.abc import Iterator
 
 import jax
 import numpy as np
@@ -54,9 +54,18 @@ def _cap(natural: int, cap: int) -> int:
 class InMemorySource(DataSource):
   """Digits or CIFAR-10 held in host memory."""
 
-  def __init__(self, name, dataset: data_lib.InMemoryDataset, *, batch_size: int,
-               eval_batch_size: int, seed: int, augment=None, steps_per_epoch_cap: int = -1,
-               eval_steps_cap: int = -1):
+  def __init__(
+    self,
+    name,
+    dataset: data_lib.InMemoryDataset,
+    *,
+    batch_size: int,
+    eval_batch_size: int,
+    seed: int,
+    augment=None,
+    steps_per_epoch_cap: int = -1,
+    eval_steps_cap: int = -1,
+  ):
     self.dataset = dataset
     self.batch_size = batch_size
     self.eval_batch_size = eval_batch_size
@@ -64,17 +73,30 @@ class InMemorySource(DataSource):
     self.augment = augment
     natural = data_lib.num_batches(len(dataset.train[0]), batch_size, drop_remainder=True)
     if natural == 0:
-      raise ConfigError("batch_size", f"{batch_size} exceeds the {len(dataset.train[0])} training examples")
+      raise ConfigError(
+        "batch_size", f"{batch_size} exceeds the {len(dataset.train[0])} training examples"
+      )
     eval_natural = data_lib.num_batches(len(dataset.test[0]), eval_batch_size, drop_remainder=False)
-    super().__init__(name=name, num_classes=dataset.num_classes, image_shape=dataset.image_shape,
-                     steps_per_epoch=_cap(natural, steps_per_epoch_cap),
-                     eval_steps=_cap(eval_natural, eval_steps_cap))
+    super().__init__(
+      name=name,
+      num_classes=dataset.num_classes,
+      image_shape=dataset.image_shape,
+      steps_per_epoch=_cap(natural, steps_per_epoch_cap),
+      eval_steps=_cap(eval_natural, eval_steps_cap),
+    )
 
   def train_epoch(self, epoch, start_step=0):
     x, y = self.dataset.train
     rows = sharding_lib.host_slice(self.batch_size)
-    it = data_lib.epoch_batches(x, y, self.batch_size, epoch=epoch, seed=self.seed,
-                                start_step=start_step, augment=self.augment)
+    it = data_lib.epoch_batches(
+      x,
+      y,
+      self.batch_size,
+      epoch=epoch,
+      seed=self.seed,
+      start_step=start_step,
+      augment=self.augment,
+    )
     for _, batch in zip(range(start_step, self.steps_per_epoch), it):
       yield {k: v[rows] for k, v in batch.items()}
 
@@ -83,13 +105,13 @@ class InMemorySource(DataSource):
     b = self.eval_batch_size
     rows = sharding_lib.host_slice(b)
     for i in range(self.eval_steps):
-      xi, yi = x[i * b:(i + 1) * b], y[i * b:(i + 1) * b]
+      xi, yi = x[i * b : (i + 1) * b], y[i * b : (i + 1) * b]
       pad = b - len(xi)
       # Pad to the fixed batch shape; padded rows have mask 0 and do not count.
       batch = {
-          "image": np.concatenate([xi, np.zeros((pad, *xi.shape[1:]), xi.dtype)]),
-          "label": np.concatenate([yi, np.zeros((pad,), yi.dtype)]),
-          "mask": np.concatenate([np.ones(len(xi), np.float32), np.zeros(pad, np.float32)]),
+        "image": np.concatenate([xi, np.zeros((pad, *xi.shape[1:]), xi.dtype)]),
+        "label": np.concatenate([yi, np.zeros((pad,), yi.dtype)]),
+        "mask": np.concatenate([np.ones(len(xi), np.float32), np.zeros(pad, np.float32)]),
       }
       yield {k: v[rows] for k, v in batch.items()}
 
@@ -101,14 +123,27 @@ class ImageNetSource(DataSource):
     d = config.dataset
     per_host = config.batch_size // jax.process_count()
     per_host_eval = config.eval_batch_size // jax.process_count()
-    common = dict(seed=config.seed, data_dir=d.data_dir, dataset_name=d.name,
-                  image_size=d.image_size, resize_size=d.resize_size, num_threads=d.num_threads)
-    self.train_pipe = data_lib.ImageNetPipeline(d.train_split, batch_size=per_host, train=True, **common)
-    self.eval_pipe = data_lib.ImageNetPipeline(d.eval_split, batch_size=per_host_eval, train=False, **common)
-    super().__init__(name=d.name, num_classes=num_classes,
-                     image_shape=(d.image_size, d.image_size, 3),
-                     steps_per_epoch=_cap(self.train_pipe.steps_per_epoch, config.steps_per_epoch),
-                     eval_steps=_cap(self.eval_pipe.steps_per_epoch, config.eval_steps))
+    common = dict(
+      seed=config.seed,
+      data_dir=d.data_dir,
+      dataset_name=d.name,
+      image_size=d.image_size,
+      resize_size=d.resize_size,
+      num_threads=d.num_threads,
+    )
+    self.train_pipe = data_lib.ImageNetPipeline(
+      d.train_split, batch_size=per_host, train=True, **common
+    )
+    self.eval_pipe = data_lib.ImageNetPipeline(
+      d.eval_split, batch_size=per_host_eval, train=False, **common
+    )
+    super().__init__(
+      name=d.name,
+      num_classes=num_classes,
+      image_shape=(d.image_size, d.image_size, 3),
+      steps_per_epoch=_cap(self.train_pipe.steps_per_epoch, config.steps_per_epoch),
+      eval_steps=_cap(self.eval_pipe.steps_per_epoch, config.eval_steps),
+    )
 
   def train_epoch(self, epoch, start_step=0):
     it = self.train_pipe.epoch(epoch, start_step=start_step)
@@ -123,13 +158,22 @@ class ImageNetSource(DataSource):
 def make_source(config) -> DataSource:
   """The config's dataset (`dataset.name`): digits, cifar10 or imagenet2012."""
   name = config.dataset.name
-  kw = dict(batch_size=config.batch_size, eval_batch_size=config.eval_batch_size, seed=config.seed,
-            steps_per_epoch_cap=config.steps_per_epoch, eval_steps_cap=config.eval_steps)
+  kw = dict(
+    batch_size=config.batch_size,
+    eval_batch_size=config.eval_batch_size,
+    seed=config.seed,
+    steps_per_epoch_cap=config.steps_per_epoch,
+    eval_steps_cap=config.eval_steps,
+  )
   if name == "digits":
     return InMemorySource(name, data_lib.load_digits(), **kw)
   if name == "cifar10":
     # dataset.data_dir: a folder holding cifar10-jpeg.tar.gz (default ../shared/data).
-    path = os.path.join(config.dataset.data_dir, "cifar10-jpeg.tar.gz") if config.dataset.data_dir else None
+    path = (
+      os.path.join(config.dataset.data_dir, "cifar10-jpeg.tar.gz")
+      if config.dataset.data_dir
+      else None
+    )
     try:
       ds = data_lib.load_cifar10(path)
     except FileNotFoundError as e:

@@ -61,12 +61,18 @@ def calibrate(ctx, variables) -> dict[str, Any] | None:
   n = int(q.get("activation_calibration_batches", 8))
   batches = itertools.islice(ctx.source.train_epoch(CALIBRATION_EPOCH), n)
   host_vars = jax.tree.map(np.asarray, jax.device_get(variables))
-  scales = fq.calibrate_activations(ctx.model, host_vars, batches, bits=bits,
-                                    percentile=float(q.get("activation_percentile", 99.99)))
+  scales = fq.calibrate_activations(
+    ctx.model,
+    host_vars,
+    batches,
+    bits=bits,
+    percentile=float(q.get("activation_percentile", 99.99)),
+  )
   paths = sorted(scales)
   table = np.array([[scales[p].exponent, int(scales[p].signed)] for p in paths], np.int32)
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils
+
     table = np.asarray(multihost_utils.broadcast_one_to_all(table))
   return {p: {"exponent": int(e), "signed": bool(s)} for p, (e, s) in zip(paths, table)}
 
@@ -74,8 +80,12 @@ def calibrate(ctx, variables) -> dict[str, Any] | None:
 def model_for(ctx, scales, *, focus=None):
   """`ctx.model` with the run's activation (and, given `focus`, batch-norm) quantization."""
   return fq.QuantizedActivationsModel(
-      ctx.model, activation_bits=activation_bits(ctx.config) if scales else 0,
-      activation_scales=scales or {}, bn_bits=bn_bits(ctx.config), focus=focus)
+    ctx.model,
+    activation_bits=activation_bits(ctx.config) if scales else 0,
+    activation_scales=scales or {},
+    bn_bits=bn_bits(ctx.config),
+    focus=focus,
+  )
 
 
 def metadata(ctx, scales) -> dict[str, Any]:

@@ -11,8 +11,19 @@ from tqdm import tqdm
 
 from fq_jax.pipeline.configuration import STAGES
 
-COLUMNS = ("stage", "epoch", "step", "split", "loss", "accuracy", "top5", "learning_rate",
-           "quantized_fraction", "sparsity", "seconds")
+COLUMNS = (
+  "stage",
+  "epoch",
+  "step",
+  "split",
+  "loss",
+  "accuracy",
+  "top5",
+  "learning_rate",
+  "quantized_fraction",
+  "sparsity",
+  "seconds",
+)
 
 
 def _position(stage: str, step: int) -> tuple[int, int]:
@@ -26,8 +37,9 @@ class MetricsWriter:
   twice (once from the killed run, once when they are recomputed).
   """
 
-  def __init__(self, path: str, *, resume_stage: str = "dense", resume_step: int = 0,
-               enabled: bool = True):
+  def __init__(
+    self, path: str, *, resume_stage: str = "dense", resume_step: int = 0, enabled: bool = True
+  ):
     self.path = path
     self.enabled = enabled
     if not enabled:
@@ -79,5 +91,6 @@ def progress(total: int, desc: str, *, initial: int = 0, enabled: bool = True):
   """A tqdm bar on stderr for one epoch; a no-op when disabled or stderr is not a tty."""
   if not enabled or not sys.stderr.isatty():
     return _NoBar()
-  return tqdm(total=total, initial=initial, desc=desc, file=sys.stderr, leave=False,
-              dynamic_ncols=True)
+  return tqdm(
+    total=total, initial=initial, desc=desc, file=sys.stderr, leave=False, dynamic_ncols=True
+  )

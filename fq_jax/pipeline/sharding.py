@@ -19,7 +19,8 @@ from typing import Any
 
 import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 DATA_AXIS = "data"
 DISTRIBUTED_ENV = "FQ_JAX_DISTRIBUTED"
@@ -64,8 +65,9 @@ def check_batch_size(global_batch: int, mesh: Mesh, key: str = "batch_size") -> 
   """Raises ValueError unless the global batch splits evenly over devices and hosts."""
   n = mesh.devices.size
   if global_batch % n or global_batch % jax.process_count():
-    raise ValueError(f"{key}: {global_batch} is not divisible by the {n} devices "
-                     f"({jax.process_count()} hosts)")
+    raise ValueError(
+      f"{key}: {global_batch} is not divisible by the {n} devices ({jax.process_count()} hosts)"
+    )
 
 
 def host_slice(global_batch: int) -> slice:
@@ -77,8 +79,9 @@ def host_slice(global_batch: int) -> slice:
 
 def put_batch(batch: dict[str, np.ndarray], sharding: NamedSharding) -> dict[str, jax.Array]:
   """Host-local numpy batch -> global arrays sharded along the batch axis."""
-  return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
-          for k, v in batch.items()}
+  return {
+    k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in batch.items()
+  }
 
 
 def put_replicated(tree: Any, mesh: Mesh, *, copy: bool = False) -> Any:

@@ -14,7 +14,8 @@ forward parameters, so after quantization they match the quantized weights.
 
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
@@ -53,13 +54,13 @@ def identity_forward(params, opt_state):
 
 
 def stage_schedule(
-    kind: str,
-    base_lr: float,
-    total_steps: int,
-    *,
-    decay_steps: int = 0,
-    decay_factor: float = 0.1,
-    restarts: Sequence[int] = (),
+  kind: str,
+  base_lr: float,
+  total_steps: int,
+  *,
+  decay_steps: int = 0,
+  decay_factor: float = 0.1,
+  restarts: Sequence[int] = (),
 ) -> optax.Schedule:
   """The learning rate of one stage as a function of its update count.
 
@@ -107,12 +108,13 @@ def _decay_mask(params):
   return jax.tree.map(lambda x: jnp.ndim(x) > 1, params)
 
 
-def sgd(schedule: optax.Schedule, *, momentum: float, nesterov: bool = False,
-        weight_decay: float = 0.0) -> optax.GradientTransformation:
+def sgd(
+  schedule: optax.Schedule, *, momentum: float, nesterov: bool = False, weight_decay: float = 0.0
+) -> optax.GradientTransformation:
   """SGD with momentum and decoupled-from-BN L2 weight decay on kernels."""
   return optax.chain(
-      optax.add_decayed_weights(weight_decay, mask=_decay_mask) if weight_decay else optax.identity(),
-      optax.sgd(schedule, momentum=momentum or None, nesterov=nesterov),
+    optax.add_decayed_weights(weight_decay, mask=_decay_mask) if weight_decay else optax.identity(),
+    optax.sgd(schedule, momentum=momentum or None, nesterov=nesterov),
   )
 
 
@@ -124,8 +126,12 @@ class MaskedState(NamedTuple):
 
 
 def _zero_pruned(masks, tree):
-  return jax.tree.map(lambda m, g: g if m is None else jnp.where(m, g, jnp.zeros_like(g)),
-                      masks, tree, is_leaf=lambda x: x is None)
+  return jax.tree.map(
+    lambda m, g: g if m is None else jnp.where(m, g, jnp.zeros_like(g)),
+    masks,
+    tree,
+    is_leaf=lambda x: x is None,
+  )
 
 
 def keep_pruned(inner: optax.GradientTransformation, masks) -> optax.GradientTransformation:
@@ -164,8 +170,9 @@ def _variables(params, batch_stats):
   return {"params": params, "batch_stats": batch_stats} if batch_stats else {"params": params}
 
 
-def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
-                    forward: Forward = identity_forward):
+def make_train_step(
+  model: nn.Module, tx: optax.GradientTransformation, forward: Forward = identity_forward
+):
   """The (unjitted) train step of one stage.
 
   Args:
@@ -211,9 +218,9 @@ def make_eval_step(model: nn.Module, top5: bool):
     mask = batch["mask"]
     labels = batch["label"]
     out = {
-        "loss": jnp.sum(optax.softmax_cross_entropy_with_integer_labels(logits, labels) * mask),
-        "correct": jnp.sum((jnp.argmax(logits, -1) == labels) * mask),
-        "count": jnp.sum(mask),
+      "loss": jnp.sum(optax.softmax_cross_entropy_with_integer_labels(logits, labels) * mask),
+      "correct": jnp.sum((jnp.argmax(logits, -1) == labels) * mask),
+      "count": jnp.sum(mask),
     }
     if top5:
       _, best = jax.lax.top_k(logits, 5)
@@ -226,8 +233,12 @@ def make_eval_step(model: nn.Module, top5: bool):
 def jit_train_step(step, mesh):
   """Jits a train step for the mesh: state replicated, batch sharded, state donated."""
   repl = sharding_lib.replicated(mesh)
-  return jax.jit(step, in_shardings=(repl, sharding_lib.batch_sharding(mesh)),
-                 out_shardings=(repl, repl), donate_argnums=(0,))
+  return jax.jit(
+    step,
+    in_shardings=(repl, sharding_lib.batch_sharding(mesh)),
+    out_shardings=(repl, repl),
+    donate_argnums=(0,),
+  )
 
 
 def jit_eval_step(step, mesh):

@@ -39,7 +39,8 @@ import json
 import math
 import os
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -109,7 +110,9 @@ def _dtype(name: str):
   try:
     return {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}[name]
   except KeyError:
-    raise ConfigError("model.dtype", f"unknown dtype {name!r} (float32, bfloat16, float16)") from None
+    raise ConfigError(
+      "model.dtype", f"unknown dtype {name!r} (float32, bfloat16, float16)"
+    ) from None
 
 
 def _load_init(config, model_name: str) -> tuple[int | None, dict[str, Any] | None]:
@@ -132,7 +135,9 @@ def _load_init(config, model_name: str) -> tuple[int | None, dict[str, Any] | No
       node[leaf] = value
     return config.model.depth, variables
   if model_name != "cifar_resnet":
-    raise ConfigError("init_from", f"{path} is a PyTorch state dict; only cifar_resnet imports those")
+    raise ConfigError(
+      "init_from", f"{path} is a PyTorch state dict; only cifar_resnet imports those"
+    )
   try:
     depth, variables = models_lib.import_torch_cifar_resnet(path)
   except ValueError as e:
@@ -167,9 +172,18 @@ def make_context(config, workdir: str, *, mesh=None, log: Log = print) -> Contex
     kwargs["depth"] = depth or 20
   model = models_lib.get_model(name, **kwargs)
   label = f"{name}-{kwargs['depth']}" if name == "cifar_resnet" else name
-  ctx = Context(config=config, workdir=workdir, model=model, model_name=label, source=source,
-                mesh=mesh, rules=rules, init_variables=None, log=log,
-                is_main=jax.process_index() == 0)
+  ctx = Context(
+    config=config,
+    workdir=workdir,
+    model=model,
+    model_name=label,
+    source=source,
+    mesh=mesh,
+    rules=rules,
+    init_variables=None,
+    log=log,
+    is_main=jax.process_index() == 0,
+  )
   if init_vars is not None:
     _check_structure(init_vars, abstract_variables(ctx), config.init_from)
     ctx.init_variables = {k: init_vars[k] for k in ("params", "batch_stats") if k in init_vars}
@@ -215,15 +229,20 @@ def _schedule(ctx: Context, section, num_steps: int, restarts=()) -> optax.Sched
   lr = section.get("learning_rate")
   lr = c.learning_rate if lr is None else lr
   return steps_lib.stage_schedule(
-      section.lr_schedule, lr, num_steps,
-      decay_steps=cfg.steps_for(section.lr_decay_epochs, spe),
-      decay_factor=section.lr_decay_factor, restarts=restarts)
+    section.lr_schedule,
+    lr,
+    num_steps,
+    decay_steps=cfg.steps_for(section.lr_decay_epochs, spe),
+    decay_factor=section.lr_decay_factor,
+    restarts=restarts,
+  )
 
 
 def _inner(ctx: Context, schedule) -> optax.GradientTransformation:
   c = ctx.config
-  return steps_lib.sgd(schedule, momentum=c.momentum, nesterov=c.nesterov,
-                       weight_decay=c.weight_decay)
+  return steps_lib.sgd(
+    schedule, momentum=c.momentum, nesterov=c.nesterov, weight_decay=c.weight_decay
+  )
 
 
 def dense_plan(ctx: Context) -> StagePlan:
@@ -241,11 +260,14 @@ def prune_plan(ctx: Context, masks=None) -> StagePlan:
   if not ctx.prunes:
     return StagePlan("prune", n, inner, steps_lib.identity_forward, sched)
   if c.prune.method == "dns":
-    tx = fq.dns_pruning(inner, sparsity=c.prune.sparsity, rules=ctx.rules,
-                        update_every=c.prune.update_every)
+    tx = fq.dns_pruning(
+      inner, sparsity=c.prune.sparsity, rules=ctx.rules, update_every=c.prune.update_every
+    )
     return StagePlan("prune", n, tx, fq.quantized, sched)
   # Magnitude: pruned weights are exact zeros and keep_pruned holds them there.
-  return StagePlan("prune", n, steps_lib.keep_pruned(inner, masks), steps_lib.identity_forward, sched)
+  return StagePlan(
+    "prune", n, steps_lib.keep_pruned(inner, masks), steps_lib.identity_forward, sched
+  )
 
 
 def quant_plan(ctx: Context, masks=None) -> StagePlan:
@@ -257,23 +279,42 @@ def quant_plan(ctx: Context, masks=None) -> StagePlan:
   inner = _inner(ctx, sched)
   if not ctx.quantizes:
     if ctx.prunes and masks is not None:
-      return StagePlan("quantize", q.total, steps_lib.keep_pruned(inner, masks),
-                       steps_lib.identity_forward, sched)
+      return StagePlan(
+        "quantize", q.total, steps_lib.keep_pruned(inner, masks), steps_lib.identity_forward, sched
+      )
     return StagePlan("quantize", q.total, inner, steps_lib.identity_forward, sched)
   schedule = fq.QuantSchedule(
-      inq_fractions=tuple(float(f) for f in c.quant.inq_fractions) if q.total else (1.0,),
-      inq_boundaries=q.boundaries(), inq_order=c.quant.inq_order,
-      refit_every=q.refit_every, refit_growth=c.quant.refit_growth)
-  alpha_tx = optax.adam(c.quant.alpha_learning_rate) if c.quant.alpha_learning_rate > 0 else optax.set_to_zero()
+    inq_fractions=tuple(float(f) for f in c.quant.inq_fractions) if q.total else (1.0,),
+    inq_boundaries=q.boundaries(),
+    inq_order=c.quant.inq_order,
+    refit_every=q.refit_every,
+    refit_growth=c.quant.refit_growth,
+  )
+  alpha_tx = (
+    optax.adam(c.quant.alpha_learning_rate)
+    if c.quant.alpha_learning_rate > 0
+    else optax.set_to_zero()
+  )
   tx = fq.focused_quantization(
-      inner, bits=c.quant.bits, w_sep=c.quant.w_sep, rules=ctx.rules, schedule=schedule,
-      masks=masks, alpha_optimizer=alpha_tx, seed=c.seed, gmm_iters=c.quant.gmm_iters)
+    inner,
+    bits=c.quant.bits,
+    w_sep=c.quant.w_sep,
+    rules=ctx.rules,
+    schedule=schedule,
+    masks=masks,
+    alpha_optimizer=alpha_tx,
+    seed=c.seed,
+    gmm_iters=c.quant.gmm_iters,
+  )
   return StagePlan("quantize", q.total, tx, fq.quantized, sched)
 
 
 def plan_for(ctx: Context, stage: str, masks=None) -> StagePlan:
-  return {"dense": lambda: dense_plan(ctx), "prune": lambda: prune_plan(ctx, masks),
-          "quantize": lambda: quant_plan(ctx, masks)}[stage]()
+  return {
+    "dense": lambda: dense_plan(ctx),
+    "prune": lambda: prune_plan(ctx, masks),
+    "quantize": lambda: quant_plan(ctx, masks),
+  }[stage]()
 
 
 def initial_masks(ctx: Context, params):
@@ -282,11 +323,17 @@ def initial_masks(ctx: Context, params):
   if c.prune.method == "magnitude":
     fn = lambda p: fq.magnitude_masks(p, c.prune.sparsity, rules=ctx.rules)
   else:
+
     def fn(p):
       specs = fq.resolve(p, ctx.rules, sparsity=c.prune.sparsity)
-      ones = jax.tree.map(lambda s, w: None if s is None else jnp.ones(w.shape, bool), specs, p,
-                          is_leaf=lambda x: x is None or isinstance(x, fq.LayerSpec))
+      ones = jax.tree.map(
+        lambda s, w: None if s is None else jnp.ones(w.shape, bool),
+        specs,
+        p,
+        is_leaf=lambda x: x is None or isinstance(x, fq.LayerSpec),
+      )
       return fq.dns_masks(p, ones, sparsity=c.prune.sparsity, rules=ctx.rules)
+
   return jax.jit(fn)(params)
 
 
@@ -316,9 +363,14 @@ def forward_variables(ctx: Context, carry: dict[str, Any]) -> dict[str, Any]:
 def evaluate(ctx: Context, variables: dict[str, Any], model=None) -> dict[str, float]:
   """Test-split loss, top-1 (and top-5) accuracy of `variables` (with `model`, default ctx.model)."""
   if ctx._eval_step is None:
-    ctx._eval_step = steps_lib.jit_eval_step(steps_lib.make_eval_step(ctx.model, ctx.top5), ctx.mesh)
-  eval_step = ctx._eval_step if model is None else steps_lib.jit_eval_step(
-      steps_lib.make_eval_step(model, ctx.top5), ctx.mesh)
+    ctx._eval_step = steps_lib.jit_eval_step(
+      steps_lib.make_eval_step(ctx.model, ctx.top5), ctx.mesh
+    )
+  eval_step = (
+    ctx._eval_step
+    if model is None
+    else steps_lib.jit_eval_step(steps_lib.make_eval_step(model, ctx.top5), ctx.mesh)
+  )
   variables = sharding_lib.put_replicated(variables, ctx.mesh)
   bs = sharding_lib.batch_sharding(ctx.mesh)
   sums = None
@@ -359,14 +411,19 @@ def abstract_carry(ctx: Context, stage: str, step: int) -> dict[str, Any]:
   out: dict[str, Any] = {"params": variables["params"], "batch_stats": variables["batch_stats"]}
   masks = None
   if _has_masks(ctx, stage):
-    masks = jax.eval_shape(lambda p: fq.magnitude_masks(p, 0.5, rules=ctx.rules), variables["params"])
+    masks = jax.eval_shape(
+      lambda p: fq.magnitude_masks(p, 0.5, rules=ctx.rules), variables["params"]
+    )
     out["masks"] = masks
   if _has_opt_state(ctx, stage, step):
     plan_stage = "quantize" if stage == "evaluate" else stage
     if plan_stage == "prune" and ctx.config.prune.method == "magnitude" and ctx.prunes:
-      masks = jax.eval_shape(lambda p: fq.magnitude_masks(p, 0.5, rules=ctx.rules), variables["params"])
+      masks = jax.eval_shape(
+        lambda p: fq.magnitude_masks(p, 0.5, rules=ctx.rules), variables["params"]
+      )
     out["opt_state"] = jax.eval_shape(
-        lambda p, m: plan_for(ctx, plan_stage, m).tx.init(p), variables["params"], masks)
+      lambda p, m: plan_for(ctx, plan_stage, m).tx.init(p), variables["params"], masks
+    )
   return _replicated_abstract(out, ctx.mesh)
 
 
@@ -385,8 +442,12 @@ class RunRecord:
   seconds: dict[str, float] = dataclasses.field(default_factory=dict)
 
   def to_json(self, config_dict) -> dict[str, Any]:
-    return {"position": {"stage": self.stage, "step": self.step}, "results": self.results,
-            "seconds": self.seconds, "config": config_dict}
+    return {
+      "position": {"stage": self.stage, "step": self.step},
+      "results": self.results,
+      "seconds": self.seconds,
+      "config": config_dict,
+    }
 
 
 class Runner:
@@ -397,9 +458,11 @@ class Runner:
     c = ctx.config
     os.makedirs(ctx.workdir, exist_ok=True)
     self.config_dict = cfg.config_json(c)
-    self.ckpt = checkpoint_lib.Checkpoints(os.path.join(ctx.workdir, "checkpoints"),
-                                           max_to_keep=c.max_checkpoints,
-                                           async_save=c.async_checkpointing)
+    self.ckpt = checkpoint_lib.Checkpoints(
+      os.path.join(ctx.workdir, "checkpoints"),
+      max_to_keep=c.max_checkpoints,
+      async_save=c.async_checkpointing,
+    )
     self.record = RunRecord()
     self.carry: dict[str, Any] = {}
     self._clock = time.perf_counter()
@@ -416,16 +479,30 @@ class Runner:
       meta = self.ckpt.meta(latest)
       diff = cfg.config_differences(meta.get("config", {}), self.config_dict)
       if diff:
-        raise ConfigError("workdir", f"{ctx.workdir} holds a run with a different config "
-                          f"({', '.join(diff[:5])}); resume with the same settings or use a new --workdir")
+        raise ConfigError(
+          "workdir",
+          f"{ctx.workdir} holds a run with a different config "
+          f"({', '.join(diff[:5])}); resume with the same settings or use a new --workdir",
+        )
       pos = meta["position"]
-      self.record = RunRecord(stage=pos["stage"], step=int(pos["step"]),
-                              results=meta.get("results", {}), seconds=meta.get("seconds", {}))
-      self.carry = self.ckpt.restore(latest, abstract_carry(ctx, self.record.stage, self.record.step))
-      ctx.log(f"resumed from checkpoint {latest}: stage {self.record.stage}, step {self.record.step}")
+      self.record = RunRecord(
+        stage=pos["stage"],
+        step=int(pos["step"]),
+        results=meta.get("results", {}),
+        seconds=meta.get("seconds", {}),
+      )
+      self.carry = self.ckpt.restore(
+        latest, abstract_carry(ctx, self.record.stage, self.record.step)
+      )
+      ctx.log(
+        f"resumed from checkpoint {latest}: stage {self.record.stage}, step {self.record.step}"
+      )
     self.writer = metrics_lib.MetricsWriter(
-        os.path.join(ctx.workdir, "metrics.csv"), resume_stage=self.record.stage,
-        resume_step=self.record.step, enabled=ctx.is_main)
+      os.path.join(ctx.workdir, "metrics.csv"),
+      resume_stage=self.record.stage,
+      resume_step=self.record.step,
+      enabled=ctx.is_main,
+    )
 
   def save(self, stage: str, step: int) -> None:
     """Checkpoints the carry as position (stage, step)."""
@@ -459,8 +536,12 @@ class Runner:
     scales = self.record.results.get("activation_scales")
     if plan.name == "quantize" and scales:  # integer activations, straight-through
       model = integer_lib.model_for(ctx, scales)
-    step_fn = steps_lib.jit_train_step(steps_lib.make_train_step(model, plan.tx, plan.forward), mesh)
-    state = steps_lib.TrainState(self.carry["params"], self.carry["batch_stats"], self.carry["opt_state"])
+    step_fn = steps_lib.jit_train_step(
+      steps_lib.make_train_step(model, plan.tx, plan.forward), mesh
+    )
+    state = steps_lib.TrainState(
+      self.carry["params"], self.carry["batch_stats"], self.carry["opt_state"]
+    )
     state = sharding_lib.put_replicated(state, mesh, copy=True)  # the steps donate it
     bs = sharding_lib.batch_sharding(mesh)
     spe = ctx.source.steps_per_epoch
@@ -470,8 +551,12 @@ class Runner:
     while step < plan.num_steps:
       epoch, offset = divmod(step, spe)
       todo = min(spe, plan.num_steps - epoch * spe)
-      bar = metrics_lib.progress(todo, f"{plan.name} {epoch + 1}/{num_epochs}", initial=offset,
-                                 enabled=c.progress_bar and ctx.is_main)
+      bar = metrics_lib.progress(
+        todo,
+        f"{plan.name} {epoch + 1}/{num_epochs}",
+        initial=offset,
+        enabled=c.progress_bar and ctx.is_main,
+      )
       sums, n = None, 0
       for batch in ctx.source.train_epoch(EPOCH_OFFSET[plan.name] + epoch, start_step=offset):
         if offset >= todo:
@@ -481,27 +566,51 @@ class Runner:
         step, offset, n = step + 1, offset + 1, n + 1
         bar.update()
         if c.log_every and n % c.log_every == 0:
-          bar.set_postfix(loss=f"{float(steps_lib.host_value(sums['loss'])) / n:.4f}",
-                          acc=f"{float(steps_lib.host_value(sums['accuracy'])) / n:.4f}")
-        if c.checkpoint_every_steps and step % c.checkpoint_every_steps == 0 and step < plan.num_steps:
-          self.carry.update(params=state.params, batch_stats=state.batch_stats, opt_state=state.opt_state)
+          bar.set_postfix(
+            loss=f"{float(steps_lib.host_value(sums['loss'])) / n:.4f}",
+            acc=f"{float(steps_lib.host_value(sums['accuracy'])) / n:.4f}",
+          )
+        if (
+          c.checkpoint_every_steps
+          and step % c.checkpoint_every_steps == 0
+          and step < plan.num_steps
+        ):
+          self.carry.update(
+            params=state.params, batch_stats=state.batch_stats, opt_state=state.opt_state
+          )
           self.save(plan.name, step)
       bar.close()
       if n:
         loss = float(steps_lib.host_value(sums["loss"])) / n
         acc = float(steps_lib.host_value(sums["accuracy"])) / n
-        row = dict(stage=plan.name, epoch=epoch, step=step, split="train", loss=loss, accuracy=acc,
-                   learning_rate=float(plan.schedule(step - 1)),
-                   seconds=round(time.perf_counter() - stage_start, 3))
+        row = dict(
+          stage=plan.name,
+          epoch=epoch,
+          step=step,
+          split="train",
+          loss=loss,
+          accuracy=acc,
+          learning_rate=float(plan.schedule(step - 1)),
+          seconds=round(time.perf_counter() - stage_start, 3),
+        )
         if plan.name == "quantize" and ctx.quantizes:
           row["quantized_fraction"] = fq.quantized_fraction(state.opt_state)
         self.writer.write(**row)
-        ctx.log(f"{plan.name} epoch {epoch + 1}/{num_epochs}: loss {loss:.4f}, train accuracy {acc:.4f}")
+        ctx.log(
+          f"{plan.name} epoch {epoch + 1}/{num_epochs}: loss {loss:.4f}, train accuracy {acc:.4f}"
+        )
     self.carry.update(params=state.params, batch_stats=state.batch_stats, opt_state=state.opt_state)
 
   def _eval_row(self, stage: str, step: int, result: dict[str, float], **extra) -> None:
-    self.writer.write(stage=stage, step=step, split="test", loss=result["loss"],
-                      accuracy=result["accuracy"], top5=result.get("top5"), **extra)
+    self.writer.write(
+      stage=stage,
+      step=step,
+      split="test",
+      loss=result["loss"],
+      accuracy=result["accuracy"],
+      top5=result.get("top5"),
+      **extra,
+    )
 
   # -- stages ----------------------------------------------------------------
 
@@ -514,8 +623,10 @@ class Runner:
     result = evaluate(ctx, forward_variables(ctx, {**self.carry, "opt_state": None}))
     variables = {"params": self.carry["params"], "batch_stats": self.carry["batch_stats"]}
     self.record.results["dense"] = {
-        **_accuracy_fields(result), "num_values": artifact_lib.num_values(variables),
-        "float32_bytes": artifact_lib.float32_bytes(variables)}
+      **_accuracy_fields(result),
+      "num_values": artifact_lib.num_values(variables),
+      "float32_bytes": artifact_lib.float32_bytes(variables),
+    }
     self._eval_row("dense", plan.num_steps, result)
     ctx.log(f"dense: test accuracy {result['accuracy']:.4f}")
     self.carry.pop("opt_state", None)
@@ -524,8 +635,10 @@ class Runner:
   def stage_prune(self, start_step: int) -> None:
     ctx, c = self.ctx, self.ctx.config
     if not ctx.prunes and not ctx.config.reference_only:
-      self.record.results["pruned"] = {**{k: v for k, v in self.record.results["dense"].items()
-                                          if k in ("accuracy", "top5")}, "sparsity": 0.0}
+      self.record.results["pruned"] = {
+        **{k: v for k, v in self.record.results["dense"].items() if k in ("accuracy", "top5")},
+        "sparsity": 0.0,
+      }
       self.save("quantize", 0)
       return
     plan = prune_plan(ctx)
@@ -567,7 +680,8 @@ class Runner:
       self.carry["opt_state"] = jax.jit(plan.tx.init)(self.carry["params"])
       if ctx.quantizes and plan.num_steps and integer_lib.activation_bits(ctx.config):
         self.record.results["activation_scales"] = integer_lib.calibrate(
-            ctx, forward_variables(ctx, self.carry))
+          ctx, forward_variables(ctx, self.carry)
+        )
     self.train(plan, start_step)
     if not ctx.quantizes:
       self.carry.pop("opt_state", None)
@@ -585,18 +699,23 @@ class Runner:
       model = integer_lib.model_for(ctx, self.record.results["activation_scales"], focus=focus)
       result = {**evaluate(ctx, variables, model), "accuracy_float_activations": result["accuracy"]}
     self._eval_row("evaluate", 1, result)
-    self.record.seconds["evaluate"] = self.record.seconds.get("evaluate", 0.0) + time.perf_counter() - t0
+    self.record.seconds["evaluate"] = (
+      self.record.seconds.get("evaluate", 0.0) + time.perf_counter() - t0
+    )
     t0 = time.perf_counter()
     compressed, rows = self.encode(variables, result)
-    self.record.seconds["encode"] = self.record.seconds.get("encode", 0.0) + time.perf_counter() - t0
+    self.record.seconds["encode"] = (
+      self.record.seconds.get("encode", 0.0) + time.perf_counter() - t0
+    )
     report = self.report(compressed, rows)
     self.ckpt.wait()
     return report
 
   # -- encode and report -----------------------------------------------------
 
-  def encode(self, variables: dict[str, Any], result: dict[str, float]
-             ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+  def encode(
+    self, variables: dict[str, Any], result: dict[str, float]
+  ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """Writes model.fqz (or estimates its size); returns the "compressed" report and layer rows."""
     ctx, c = self.ctx, self.ctx.config
     params = _to_host(self.carry["params"])
@@ -621,23 +740,41 @@ class Runner:
     if c.encode and artifact_lib.codec_available() and ctx.is_main:
       path = os.path.join(ctx.workdir, "model.fqz")
       real = artifact_lib.write_artifact(
-          path, {"params": params, "batch_stats": batch_stats}, state, coder=c.coder,
-          metadata={"model": ctx.model_name, "dataset": ctx.source.name,
-                    "bits": bits, "seed": int(c.seed),
-                    **integer_lib.metadata(ctx, self.record.results.get("activation_scales"))})
+        path,
+        {"params": params, "batch_stats": batch_stats},
+        state,
+        coder=c.coder,
+        metadata={
+          "model": ctx.model_name,
+          "dataset": ctx.source.name,
+          "bits": bits,
+          "seed": int(c.seed),
+          **integer_lib.metadata(ctx, self.record.results.get("activation_scales")),
+        },
+      )
       # The artifact must rebuild exactly the model that was evaluated.
       exact = artifact_lib.trees_equal(real["decoded"], _to_host(variables))
       if not exact:
-        ctx.log("warning: the decoded artifact differs from the evaluated model; "
-                "reporting the decoded model's accuracy")
+        ctx.log(
+          "warning: the decoded artifact differs from the evaluated model; "
+          "reporting the decoded model's accuracy"
+        )
         out.update(_accuracy_fields(evaluate(ctx, real["decoded"])))
-      out.update(artifact_bytes=real["artifact_bytes"], estimate=False,
-                 paper_style_compression_ratio=real["paper_style_compression_ratio"] or 1.0,
-                 roundtrip_exact=exact, estimated_bytes=est["artifact_bytes"],
-                 coder=c.coder, entropy_bound_bytes=real["summary"].get("file_entropy_bound_bytes"))
+      out.update(
+        artifact_bytes=real["artifact_bytes"],
+        estimate=False,
+        paper_style_compression_ratio=real["paper_style_compression_ratio"] or 1.0,
+        roundtrip_exact=exact,
+        estimated_bytes=est["artifact_bytes"],
+        coder=c.coder,
+        entropy_bound_bytes=real["summary"].get("file_entropy_bound_bytes"),
+      )
     else:
-      out.update(artifact_bytes=est["artifact_bytes"], estimate=True,
-                 paper_style_compression_ratio=kernel_float / max(est["kernel_bytes"], 1))
+      out.update(
+        artifact_bytes=est["artifact_bytes"],
+        estimate=True,
+        paper_style_compression_ratio=kernel_float / max(est["kernel_bytes"], 1),
+      )
     if not ctx.compress:
       out["paper_style_compression_ratio"] = 1.0
     out["compression_ratio"] = float_bytes / max(out["artifact_bytes"], 1)
@@ -647,14 +784,14 @@ class Runner:
     ctx = self.ctx
     res = self.record.results
     report = {
-        "model": ctx.model_name,
-        "dataset": ctx.source.name,
-        "reference_only": bool(ctx.config.reference_only),
-        "dense": res["dense"],
-        "pruned": res["pruned"],
-        "compressed": compressed,
-        "layers": rows,
-        "seconds": {k: round(v, 3) for k, v in self.record.seconds.items()},
+      "model": ctx.model_name,
+      "dataset": ctx.source.name,
+      "reference_only": bool(ctx.config.reference_only),
+      "dense": res["dense"],
+      "pruned": res["pruned"],
+      "compressed": compressed,
+      "layers": rows,
+      "seconds": {k: round(v, 3) for k, v in self.record.seconds.items()},
     }
     if ctx.is_main:
       tmp = os.path.join(ctx.workdir, "report.json.tmp")
@@ -706,16 +843,19 @@ def summary(report: dict[str, Any]) -> str:
   d, p, c = report["dense"], report["pruned"], report["compressed"]
   est = " (estimate: codec not available)" if c.get("estimate") else ""
   lines = [
-      f"== {report['model']} on {report['dataset']}" + (" [reference: float fine-tuning]" if report.get("reference_only") else ""),
-      f"dense:      accuracy {d['accuracy']:.4f}" + (f", top-5 {d['top5']:.4f}" if "top5" in d else "")
-      + f", {d['num_values']:,} values, {d['float32_bytes']:,} bytes as float32",
-      f"pruned:     accuracy {p['accuracy']:.4f}, sparsity {p['sparsity']:.4f}",
-      f"compressed: accuracy {c['accuracy']:.4f}" + (f", top-5 {c['top5']:.4f}" if "top5" in c else "")
-      + f", {c['bits']} bits, {c['artifact_bytes']:,} bytes{est}",
-      f"compression ratio {c['compression_ratio']:.2f}x (paper-style, kernels only: "
-      f"{c['paper_style_compression_ratio']:.2f}x); accuracy change vs dense "
-      f"{100 * (c['accuracy'] - d['accuracy']):+.2f} points",
-      "seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in report["seconds"].items()),
+    f"== {report['model']} on {report['dataset']}"
+    + (" [reference: float fine-tuning]" if report.get("reference_only") else ""),
+    f"dense:      accuracy {d['accuracy']:.4f}"
+    + (f", top-5 {d['top5']:.4f}" if "top5" in d else "")
+    + f", {d['num_values']:,} values, {d['float32_bytes']:,} bytes as float32",
+    f"pruned:     accuracy {p['accuracy']:.4f}, sparsity {p['sparsity']:.4f}",
+    f"compressed: accuracy {c['accuracy']:.4f}"
+    + (f", top-5 {c['top5']:.4f}" if "top5" in c else "")
+    + f", {c['bits']} bits, {c['artifact_bytes']:,} bytes{est}",
+    f"compression ratio {c['compression_ratio']:.2f}x (paper-style, kernels only: "
+    f"{c['paper_style_compression_ratio']:.2f}x); accuracy change vs dense "
+    f"{100 * (c['accuracy'] - d['accuracy']):+.2f} points",
+    "seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in report["seconds"].items()),
   ]
   if report["layers"]:
     lines += ["", fq.format_report(report["layers"])]

@@ -73,8 +73,9 @@ def encode(streams: list[tuple[np.ndarray, np.ndarray, np.ndarray]]) -> bytes:
   return np.asarray(coder.get_compressed(), "<u4").tobytes()
 
 
-def decode(payload: bytes, streams: list[tuple[int, np.ndarray, np.ndarray]],
-           where: str) -> list[np.ndarray]:
+def decode(
+  payload: bytes, streams: list[tuple[int, np.ndarray, np.ndarray]], where: str
+) -> list[np.ndarray]:
   """Inverse of `encode`: streams are (count, counts, present); returns int32 arrays.
 
   Raises FormatError (naming `where`) when the payload is malformed or does
@@ -103,6 +104,7 @@ def decode(payload: bytes, streams: list[tuple[int, np.ndarray, np.ndarray]],
       contiguous = int(present[0]) == 0 and int(present[-1]) == present.size - 1
       out.append(idx if contiguous else present.astype(np.int32)[idx])
   if not coder.is_empty():
-    raise FormatError(f"{where}: rANS payload has data left after the last symbol "
-                      f"(corrupted or mismatched counts)")
+    raise FormatError(
+      f"{where}: rANS payload has data left after the last symbol (corrupted or mismatched counts)"
+    )
   return out

@@ -24,7 +24,6 @@ from __future__ import annotations
 import json
 import struct
 import zlib
-from typing import Any
 
 import numpy as np
 
@@ -107,8 +106,9 @@ class Reader:
 
   def fail(self, message: str, at: int | None = None):
     at = self.pos if at is None else at
-    raise FormatError(f"{self.name} (file bytes {self.start}..{self.end}): {message} "
-                      f"at file offset {at}")
+    raise FormatError(
+      f"{self.name} (file bytes {self.start}..{self.end}): {message} at file offset {at}"
+    )
 
   def remaining(self) -> int:
     return self.end - self.pos
@@ -136,7 +136,7 @@ class Reader:
   def take(self, n: int, what: str) -> bytes:
     if n < 0 or n > self.end - self.pos:
       self.fail(f"{what} needs {n} bytes but only {self.end - self.pos} remain")
-    out = bytes(self.data[self.pos:self.pos + n])
+    out = bytes(self.data[self.pos : self.pos + n])
     self.pos += n
     return out
 
@@ -163,8 +163,7 @@ def f32_to_json(x) -> float:
 
 
 def dumps_header(obj: dict) -> bytes:
-  return json.dumps(obj, separators=(",", ":"), ensure_ascii=False,
-                    allow_nan=False).encode("utf-8")
+  return json.dumps(obj, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode("utf-8")
 
 
 def pack(header: dict, sections: list[bytes]) -> bytes:
@@ -194,43 +193,58 @@ def unpack(data, max_header_bytes: int = MAX_HEADER_RAW) -> tuple[dict, list[tup
   """
   size = len(data)
   if size < PREAMBLE_SIZE:
-    raise FormatError(f"file is {size} bytes, shorter than the {PREAMBLE_SIZE}-byte preamble "
-                      f"(truncated or not an .fqz file) at offset 0")
+    raise FormatError(
+      f"file is {size} bytes, shorter than the {PREAMBLE_SIZE}-byte preamble "
+      f"(truncated or not an .fqz file) at offset 0"
+    )
   magic, major, minor, stored_len, raw_len, crc = PREAMBLE.unpack_from(data, 0)
   if magic != MAGIC:
     raise FormatError(f"bad magic bytes {magic!r} at offset 0 (not an .fqz file)")
   if major != MAJOR_VERSION:
-    raise FormatError(f"unsupported format version {major}.{minor} at offset 8 "
-                      f"(this reader handles {MAJOR_VERSION}.x)")
+    raise FormatError(
+      f"unsupported format version {major}.{minor} at offset 8 "
+      f"(this reader handles {MAJOR_VERSION}.x)"
+    )
   header_end = PREAMBLE_SIZE + stored_len
   if header_end > size:
-    raise FormatError(f"header length {stored_len} at offset 12 runs past the end of the "
-                      f"{size}-byte file (truncated?)")
+    raise FormatError(
+      f"header length {stored_len} at offset 12 runs past the end of the "
+      f"{size}-byte file (truncated?)"
+    )
   header_bytes = bytes(data[PREAMBLE_SIZE:header_end])
   actual = zlib.crc32(header_bytes, zlib.crc32(bytes(data[0:20])))
   if actual != crc:
-    raise FormatError(f"header CRC mismatch (stored {crc:#010x}, computed {actual:#010x}) over "
-                      f"file bytes 0..{header_end}: corrupted preamble or header")
+    raise FormatError(
+      f"header CRC mismatch (stored {crc:#010x}, computed {actual:#010x}) over "
+      f"file bytes 0..{header_end}: corrupted preamble or header"
+    )
   if raw_len > MAX_HEADER_RAW or raw_len > MAX_INFLATE_RATIO * max(stored_len, 1):
     raise FormatError(f"implausible inflated header size {raw_len} at offset 16")
   if raw_len > max_header_bytes:
-    raise FormatError(f"inflated header size {raw_len} at offset 16 exceeds the allowed "
-                      f"{max_header_bytes} bytes (max_output_bytes / 16)")
+    raise FormatError(
+      f"inflated header size {raw_len} at offset 16 exceeds the allowed "
+      f"{max_header_bytes} bytes (max_output_bytes / 16)"
+    )
   try:
     d = zlib.decompressobj()
     raw = d.decompress(header_bytes, raw_len + 1)
     ok = len(raw) == raw_len and d.eof and not d.unused_data and not d.unconsumed_tail
   except zlib.error as e:
-    raise FormatError(f"header (file bytes {PREAMBLE_SIZE}..{header_end}) does not inflate: "
-                      f"{e}") from None
+    raise FormatError(
+      f"header (file bytes {PREAMBLE_SIZE}..{header_end}) does not inflate: {e}"
+    ) from None
   if not ok:
-    raise FormatError(f"header (file bytes {PREAMBLE_SIZE}..{header_end}) inflates to "
-                      f"{len(raw)} bytes, not the {raw_len} declared at offset 16")
+    raise FormatError(
+      f"header (file bytes {PREAMBLE_SIZE}..{header_end}) inflates to "
+      f"{len(raw)} bytes, not the {raw_len} declared at offset 16"
+    )
   try:
     header = json.loads(raw.decode("utf-8"), parse_constant=_reject_constant)
   except Exception as e:  # UnicodeDecodeError, JSONDecodeError, RecursionError, ValueError
-    raise FormatError(f"header (file bytes {PREAMBLE_SIZE}..{header_end}) is not valid "
-                      f"UTF-8 JSON: {type(e).__name__}: {e}"[:400]) from None
+    raise FormatError(
+      f"header (file bytes {PREAMBLE_SIZE}..{header_end}) is not valid "
+      f"UTF-8 JSON: {type(e).__name__}: {e}"[:400]
+    ) from None
   if not isinstance(header, dict):
     raise FormatError(f"header (file bytes {PREAMBLE_SIZE}..{header_end}) is not a JSON object")
   arrays = header.get("arrays")
@@ -245,8 +259,10 @@ def unpack(data, max_header_bytes: int = MAX_HEADER_RAW) -> tuple[dict, list[tup
     if not _is_uint(length) or not _is_uint(sec_crc) or sec_crc >= 1 << 32:
       raise FormatError(f"header: arrays[{i}] needs integer 'bytes' and 32-bit 'crc'")
     if length > size - pos:
-      raise FormatError(f"section {i} ({_path_of(entry)}) claims {length} bytes at file offset "
-                        f"{pos}, past the end of the {size}-byte file (truncated?)")
+      raise FormatError(
+        f"section {i} ({_path_of(entry)}) claims {length} bytes at file offset "
+        f"{pos}, past the end of the {size}-byte file (truncated?)"
+      )
     spans.append((pos, pos + length))
     pos += length
   if pos != size:
@@ -254,8 +270,10 @@ def unpack(data, max_header_bytes: int = MAX_HEADER_RAW) -> tuple[dict, list[tup
   for i, ((start, end), entry) in enumerate(zip(spans, arrays)):
     actual = zlib.crc32(data[start:end])
     if actual != entry["crc"]:
-      raise FormatError(f"section {i} ({_path_of(entry)}, file bytes {start}..{end}): CRC "
-                        f"mismatch (stored {entry['crc']:#010x}, computed {actual:#010x})")
+      raise FormatError(
+        f"section {i} ({_path_of(entry)}, file bytes {start}..{end}): CRC "
+        f"mismatch (stored {entry['crc']:#010x}, computed {actual:#010x})"
+      )
   return header, spans, header_end
 
 
@@ -286,5 +304,14 @@ def ceil_div(a: int, b: int) -> int:
   return -(-a // b)
 
 
-__all__ = ["FormatError", "Reader", "pack", "unpack", "write_varint", "varint_array",
-           "f32_to_json", "entropy_bits", "ceil_div"]
+__all__ = [
+  "FormatError",
+  "Reader",
+  "pack",
+  "unpack",
+  "write_varint",
+  "varint_array",
+  "f32_to_json",
+  "entropy_bits",
+  "ceil_div",
+]

@@ -15,14 +15,14 @@ step, as parallel hardware decoders would), so the Python-level loop has
 from __future__ import annotations
 
 import heapq
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
 from fq_jax._src.codec.container import FormatError
 
-FORMAT_MAX_LEN = 24        # longest code length a file may use
-DEFAULT_MAX_LEN = 16       # what the encoder produces (64K-entry decode tables)
+FORMAT_MAX_LEN = 24  # longest code length a file may use
+DEFAULT_MAX_LEN = 16  # what the encoder produces (64K-entry decode tables)
 FORMAT_MAX_LANE = 1 << 16  # largest lane size a file may declare
 DEFAULT_LANE = 1024
 
@@ -168,7 +168,7 @@ def pack_bits(aligned: np.ndarray, lengths: np.ndarray) -> tuple[bytes, np.ndarr
   qf = q[first]
   words[qf] = np.bitwise_or.reduceat(hi, first)
   words[qf + np.uint64(1)] |= np.bitwise_or.reduceat(lo, first)
-  data = words.astype(">u8").tobytes()[:(total + 7) // 8]
+  data = words.astype(">u8").tobytes()[: (total + 7) // 8]
   return data, ends
 
 
@@ -228,14 +228,14 @@ def table_size(lengths: np.ndarray) -> int:
 def check_lengths(lengths: np.ndarray, where: str) -> None:
   """A decodable code: lengths in [0, 24], >= 2 present, Kraft sum exactly 1."""
   if lengths.size and int(lengths.max()) > FORMAT_MAX_LEN:
-    raise FormatError(f"{where}: Huffman code length {int(lengths.max())} exceeds "
-                      f"{FORMAT_MAX_LEN}")
+    raise FormatError(f"{where}: Huffman code length {int(lengths.max())} exceeds {FORMAT_MAX_LEN}")
   present = lengths[lengths > 0]
   top = int(present.max())
   kraft = int(np.sum(np.left_shift(np.int64(1), (top - present).astype(np.int64))))
   if kraft != 1 << top:
-    raise FormatError(f"{where}: Huffman code lengths are not a complete prefix code "
-                      f"(Kraft sum {kraft}/{1 << top})")
+    raise FormatError(
+      f"{where}: Huffman code lengths are not a complete prefix code (Kraft sum {kraft}/{1 << top})"
+    )
 
 
 def _table(lengths: np.ndarray) -> np.ndarray:
@@ -264,7 +264,7 @@ def decode_streams(streams: Sequence[Stream], lane: int) -> list[np.ndarray]:
   total += (-total) % 8
   buf = np.zeros(total, np.uint8)
   for s, off in zip(streams, offsets[:-1]):
-    buf[off:off + len(s.payload)] = np.frombuffer(s.payload, np.uint8)
+    buf[off : off + len(s.payload)] = np.frombuffer(s.payload, np.uint8)
   as_words = np.frombuffer(buf.tobytes(), dtype=">u8")
   windows = np.lib.stride_tricks.as_strided(as_words, shape=(total - 8,), strides=(1,))
   windows = windows.astype(np.uint64)  # big-endian 64-bit window at every byte
@@ -323,15 +323,17 @@ def decode_streams(streams: Sequence[Stream], lane: int) -> list[np.ndarray]:
     np.right_shift(w[:a], sh[:a], out=w[:a])
     np.add(w[:a], tb[:a], out=w[:a])
     b = int(step_base[t])
-    np.take(table, w[:a], out=out[b:b + a])
-    np.bitwise_and(out[b:b + a], np.uint32(31), out=e[:a])
+    np.take(table, w[:a], out=out[b : b + a])
+    np.bitwise_and(out[b : b + a], np.uint32(31), out=e[:a])
     np.add(p, e[:a], out=p, casting="unsafe")
 
   bad = np.flatnonzero(pos != end)
   if bad.size:
     s = streams[int(stream_of[bad[0]])]
-    raise FormatError(f"{s.where}: a Huffman lane ends at bit {int(pos[bad[0]])}, "
-                      f"not at its declared end {int(end[bad[0]])}")
+    raise FormatError(
+      f"{s.where}: a Huffman lane ends at bit {int(pos[bad[0]])}, "
+      f"not at its declared end {int(end[bad[0]])}"
+    )
   np.right_shift(out, np.uint32(5), out=out)
   # Reassemble each stream from its lanes (the stable sort kept each stream's
   # lanes in order).
@@ -341,10 +343,11 @@ def decode_streams(streams: Sequence[Stream], lane: int) -> list[np.ndarray]:
   lane_idx = 0
   for s in streams:
     nl = s.lane_bits.size
-    slots = slot_of[lane_idx:lane_idx + nl]
+    slots = slot_of[lane_idx : lane_idx + nl]
     lane_idx += nl
     last = s.count - lane * (nl - 1)
-    idx = np.concatenate([np.add.outer(slots[:-1], step_base[:lane]).ravel(),
-                          slots[-1] + step_base[:last]])
+    idx = np.concatenate(
+      [np.add.outer(slots[:-1], step_base[:lane]).ravel(), slots[-1] + step_base[:last]]
+    )
     results.append(out[idx].astype(np.int32))
   return results

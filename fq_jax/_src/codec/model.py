@@ -39,9 +39,8 @@ import numpy as np
 
 from fq_jax._src import codebook as codebook_lib
 from fq_jax._src import gmm as gmm_lib
-from fq_jax._src import quantizers
+from fq_jax._src import quantizers, transforms
 from fq_jax._src import rules as rules_lib
-from fq_jax._src import transforms
 from fq_jax._src.codec import ans as ans_lib
 from fq_jax._src.codec import container
 from fq_jax._src.codec import huffman as huffman_lib
@@ -54,11 +53,22 @@ KINDS = ("raw", "pruned", "focused", "codebook")
 SYMBOL_KINDS = ("focused", "codebook")
 MAX_CODEWORDS = 1 << 16
 DTYPES: dict[str, np.dtype] = {
-    name: np.dtype(t) for name, t in [
-        ("bool", np.bool_), ("int8", np.int8), ("uint8", np.uint8), ("int16", np.int16),
-        ("uint16", np.uint16), ("int32", np.int32), ("uint32", np.uint32),
-        ("int64", np.int64), ("uint64", np.uint64), ("float16", np.float16),
-        ("bfloat16", ml_dtypes.bfloat16), ("float32", np.float32), ("float64", np.float64)]
+  name: np.dtype(t)
+  for name, t in [
+    ("bool", np.bool_),
+    ("int8", np.int8),
+    ("uint8", np.uint8),
+    ("int16", np.int16),
+    ("uint16", np.uint16),
+    ("int32", np.int32),
+    ("uint32", np.uint32),
+    ("int64", np.int64),
+    ("uint64", np.uint64),
+    ("float16", np.float16),
+    ("bfloat16", ml_dtypes.bfloat16),
+    ("float32", np.float32),
+    ("float64", np.float64),
+  ]
 }
 FLOATS = ("float16", "bfloat16", "float32", "float64")
 # float64 layers are quantized in float32 (as JAX without x64 would) and widened exactly.
@@ -126,9 +136,17 @@ def _batched_state(layer, table, assignment=None):
   """A FocusState whose scalar fields are gathered per element from `table`."""
   rec, bits, m0, m1, sigma, bias, alpha = table
   return quantizers.FocusState(
-      recentralized=rec[layer], bits=bits[layer], means=jnp.stack([m0[layer], m1[layer]]),
-      sigma=sigma[layer], bias=bias[layer], assignment=assignment, mask=True,
-      alpha=alpha[layer], gmm=None, separation=None)
+    recentralized=rec[layer],
+    bits=bits[layer],
+    means=jnp.stack([m0[layer], m1[layer]]),
+    sigma=sigma[layer],
+    bias=bias[layer],
+    assignment=assignment,
+    mask=True,
+    alpha=alpha[layer],
+    gmm=None,
+    separation=None,
+  )
 
 
 @jax.jit
@@ -145,25 +163,28 @@ def _param_table(params: list[dict]):
   """Per-layer quantizer scalars as arrays padded to a power of two."""
   size = _next_pow2(len(params), 16)
   pad = lambda xs, dt: np.concatenate([np.asarray(xs, dt), np.zeros(size - len(xs), dt)])
-  return (pad([p["recentralized"] for p in params], np.bool_),
-          pad([p["bits"] for p in params], np.int32),
-          pad([p["means"][0] for p in params], np.float32),
-          pad([p["means"][1] for p in params], np.float32),
-          pad([p["sigma"] for p in params], np.float32),
-          pad([p["bias"] for p in params], np.int32),
-          pad([p["alpha"] for p in params], np.float32))
+  return (
+    pad([p["recentralized"] for p in params], np.bool_),
+    pad([p["bits"] for p in params], np.int32),
+    pad([p["means"][0] for p in params], np.float32),
+    pad([p["means"][1] for p in params], np.float32),
+    pad([p["sigma"] for p in params], np.float32),
+    pad([p["bias"] for p in params], np.int32),
+    pad([p["alpha"] for p in params], np.float32),
+  )
 
 
 def _pad_to(x: np.ndarray, size: int) -> np.ndarray:
   if x.size == size:
     return x
   out = np.zeros(size, x.dtype)
-  out[:x.size] = x
+  out[: x.size] = x
   return out
 
 
-def batched_symbols(weights: list[np.ndarray], assignments: list[np.ndarray],
-                    params: list[dict]) -> list[np.ndarray]:
+def batched_symbols(
+  weights: list[np.ndarray], assignments: list[np.ndarray], params: list[dict]
+) -> list[np.ndarray]:
   """`fq.focused_symbols` of many layers' kept weights (1-D, float32) in one call."""
   sizes = [w.size for w in weights]
   total = sum(sizes)
@@ -187,8 +208,9 @@ def batched_values(symbols: list[np.ndarray], params: list[dict], dtype) -> list
   s = _pad_to(np.concatenate(symbols).astype(np.int32, copy=False), n)
   layer = _pad_to(np.repeat(np.arange(len(sizes), dtype=np.int32), sizes), n)
   wide = np.dtype(dtype) == np.float64
-  out = np.asarray(_values_kernel(s, layer, _param_table(params),
-                                  dtype=jnp.dtype(np.float32 if wide else dtype)))
+  out = np.asarray(
+    _values_kernel(s, layer, _param_table(params), dtype=jnp.dtype(np.float32 if wide else dtype))
+  )
   if wide:
     out = out.astype(np.float64)
   return np.split(out[:total], np.cumsum(sizes)[:-1])
@@ -216,19 +238,31 @@ def _focus_params(state) -> dict:
   means = np.asarray(state.means, np.float32).reshape(-1)
   if means.size != 2:
     raise ValueError("FocusState.means must have 2 entries")
-  return dict(recentralized=rec, bits=bits, means=[np.float32(m) for m in means],
-              sigma=np.float32(np.asarray(state.sigma)), bias=int(np.asarray(state.bias)),
-              alpha=np.float32(np.asarray(state.alpha)))
+  return dict(
+    recentralized=rec,
+    bits=bits,
+    means=[np.float32(m) for m in means],
+    sigma=np.float32(np.asarray(state.sigma)),
+    bias=int(np.asarray(state.bias)),
+    alpha=np.float32(np.asarray(state.alpha)),
+  )
 
 
 def _quant_json(state, params: dict) -> dict:
-  out = dict(recentralized=params["recentralized"], bits=params["bits"],
-             means=[_float_json(m) for m in params["means"]], sigma=_float_json(params["sigma"]),
-             bias=params["bias"], alpha=_float_json(params["alpha"]))
+  out = dict(
+    recentralized=params["recentralized"],
+    bits=params["bits"],
+    means=[_float_json(m) for m in params["means"]],
+    sigma=_float_json(params["sigma"]),
+    bias=params["bias"],
+    alpha=_float_json(params["alpha"]),
+  )
   g = getattr(state, "gmm", None)
   if g is not None:
-    out["gmm"] = {k: [_float_json(v) for v in np.asarray(getattr(g, k), np.float32).reshape(-1)[:2]]
-                  for k in ("weights", "means", "stds")}
+    out["gmm"] = {
+      k: [_float_json(v) for v in np.asarray(getattr(g, k), np.float32).reshape(-1)[:2]]
+      for k in ("weights", "means", "stds")
+    }
   sep = getattr(state, "separation", None)
   if sep is not None:
     out["separation"] = _float_json(np.asarray(sep))
@@ -245,8 +279,9 @@ def _model_bytes(lo: int, entries: np.ndarray) -> bytes:
 def _stream_model(symbols: np.ndarray, alphabet: int, coder: str, hist=None):
   """(model bytes, histogram, present symbols, huffman lengths or None)."""
   if hist is None:
-    hist = (np.bincount(symbols, minlength=alphabet) if symbols.size
-            else np.zeros(alphabet, np.int64))
+    hist = (
+      np.bincount(symbols, minlength=alphabet) if symbols.size else np.zeros(alphabet, np.int64)
+    )
   present = np.flatnonzero(hist)
   if present.size == 0:
     return _model_bytes(0, np.zeros(0, np.int64)), hist, present, None
@@ -279,15 +314,15 @@ def _coded_section(pos_symbols, run, sym_symbols, alphabet, coder, lane, pos_his
 
 
 def encode_model(
-    arrays: Mapping[str, Any],
-    *,
-    focus: Mapping[str, quantizers.FocusState] | None = None,
-    masks: Mapping[str, Any] | None = None,
-    coder: str = "ans",
-    metadata: dict | None = None,
-    float_dtype: str | None = None,
-    huffman_lane: int = huffman_lib.DEFAULT_LANE,
-    codebooks: Mapping[str, codebook_lib.CodebookState] | None = None,
+  arrays: Mapping[str, Any],
+  *,
+  focus: Mapping[str, quantizers.FocusState] | None = None,
+  masks: Mapping[str, Any] | None = None,
+  coder: str = "ans",
+  metadata: dict | None = None,
+  float_dtype: str | None = None,
+  huffman_lane: int = huffman_lib.DEFAULT_LANE,
+  codebooks: Mapping[str, codebook_lib.CodebookState] | None = None,
 ) -> bytes:
   """Encodes a model's arrays into .fqz bytes.
 
@@ -331,8 +366,9 @@ def encode_model(
   if coder not in CODERS:
     raise ValueError(f"coder must be one of {CODERS}, got {coder!r}")
   if float_dtype is not None and float_dtype not in ("float16", "bfloat16", "float32"):
-    raise ValueError(f"float_dtype must be None, 'float16', 'bfloat16' or 'float32', "
-                     f"got {float_dtype!r}")
+    raise ValueError(
+      f"float_dtype must be None, 'float16', 'bfloat16' or 'float32', got {float_dtype!r}"
+    )
   if not 1 <= huffman_lane <= huffman_lib.FORMAT_MAX_LANE:
     raise ValueError(f"huffman_lane must be in [1, {huffman_lib.FORMAT_MAX_LANE}]")
   both = [p for p in codebooks if p in focus]
@@ -381,10 +417,18 @@ def encode_model(
       sym = sym.astype(np.int32)
       run, pos_hist = positions_lib.choose_run(positions_lib.gaps_of(indices), coder)
       pos = positions_lib.encode(indices, run)
-      entry.update(kind="codebook", codewords=int(book.size), kept=int(sym.size),
-                   inverted=inverted, run=run, npos=int(pos.size))
-      sections[-1] = (_coded_section(pos, run, sym, book.size, coder, huffman_lane, pos_hist)
-                      + book.astype("<f4").tobytes())
+      entry.update(
+        kind="codebook",
+        codewords=int(book.size),
+        kept=int(sym.size),
+        inverted=inverted,
+        run=run,
+        npos=int(pos.size),
+      )
+      sections[-1] = (
+        _coded_section(pos, run, sym, book.size, coder, huffman_lane, pos_hist)
+        + book.astype("<f4").tobytes()
+      )
       continue
     if path in focus:
       if name not in FOCUSED_DTYPES:
@@ -400,8 +444,11 @@ def encode_model(
       pending.append((len(entries) - 1, arr, mask, assignment, params))
       continue
     stored = name
-    if float_dtype is not None and name in FLOATS and (
-        DTYPES[name].itemsize > DTYPES[float_dtype].itemsize):
+    if (
+      float_dtype is not None
+      and name in FLOATS
+      and (DTYPES[name].itemsize > DTYPES[float_dtype].itemsize)
+    ):
       stored = float_dtype
     entry["stored"] = stored
     if path in masks:
@@ -414,16 +461,20 @@ def encode_model(
       pos = positions_lib.encode(indices, run)
       kept = arr.reshape(-1).take(kept_idx)
       entry.update(kept=int(kept.size), inverted=inverted, run=run, npos=int(pos.size))
-      sections[-1] = (_coded_section(pos, run, None, 0, coder, huffman_lane, pos_hist)
-                      + kept.astype(_le(stored)).tobytes())
+      sections[-1] = (
+        _coded_section(pos, run, None, 0, coder, huffman_lane, pos_hist)
+        + kept.astype(_le(stored)).tobytes()
+      )
     else:
       entry["kind"] = "raw"
       sections[-1] = np.ascontiguousarray(arr).astype(_le(stored), copy=False).tobytes()
 
   if pending:
     coded = [positions_lib.coded_indices(mask) for _, _, mask, _, _ in pending]
-    weights = [arr.reshape(-1).take(c[0]).astype(np.float32, copy=False)
-               for (_, arr, _, _, _), c in zip(pending, coded)]
+    weights = [
+      arr.reshape(-1).take(c[0]).astype(np.float32, copy=False)
+      for (_, arr, _, _, _), c in zip(pending, coded)
+    ]
     assigns = [a.reshape(-1).take(c[0]) for (_, _, _, a, _), c in zip(pending, coded)]
     symbols = batched_symbols(weights, assigns, [p[4] for p in pending])
     del weights, assigns
@@ -477,8 +528,9 @@ def _full_symbols(size, shape, kept_idx, sym):
 
 def _codebook_state(book, size, shape, kept_idx, sym, mask):
   """The CodebookState of a decoded codebook layer (NumPy fields)."""
-  return codebook_lib.CodebookState(codebook=book, symbols=_full_symbols(size, shape, kept_idx, sym),
-                                    mask=mask)
+  return codebook_lib.CodebookState(
+    codebook=book, symbols=_full_symbols(size, shape, kept_idx, sym), mask=mask
+  )
 
 
 def _focus_state(p, size, shape, kept_idx, sym, mask):
@@ -487,10 +539,17 @@ def _focus_state(p, size, shape, kept_idx, sym, mask):
   if p["recentralized"]:
     assignment[kept_idx] = sym >= 2 ** (p["bits"] - 2) + 1
   return quantizers.FocusState(
-      recentralized=np.bool_(p["recentralized"]), bits=np.int32(p["bits"]),
-      means=np.array(p["means"], np.float32), sigma=np.float32(p["sigma"]),
-      bias=np.int32(p["bias"]), assignment=assignment.reshape(shape), mask=mask,
-      alpha=np.float32(p["alpha"]), gmm=p["gmm"], separation=p["separation"])
+    recentralized=np.bool_(p["recentralized"]),
+    bits=np.int32(p["bits"]),
+    means=np.array(p["means"], np.float32),
+    sigma=np.float32(p["sigma"]),
+    bias=np.int32(p["bias"]),
+    assignment=assignment.reshape(shape),
+    mask=mask,
+    alpha=np.float32(p["alpha"]),
+    gmm=p["gmm"],
+    separation=p["separation"],
+  )
 
 
 @dataclasses.dataclass
@@ -576,8 +635,11 @@ class _Validator:
     if key not in obj:
       self.fail(field, "is missing")
     value = obj[key]
-    ok = _is_int(value) if kind is int else (
-        isinstance(value, bool) if kind is bool else isinstance(value, kind))
+    ok = (
+      _is_int(value)
+      if kind is int
+      else (isinstance(value, bool) if kind is bool else isinstance(value, kind))
+    )
     if not ok:
       self.fail(field, f"must be {getattr(kind, '__name__', kind)}, got {type(value).__name__}")
     return value
@@ -625,16 +687,21 @@ def _parse_quant(v: _Validator, q, field: str) -> dict:
   for key in ("sigma", "alpha"):
     if key not in q:
       v.fail(f"{field}.{key}", "is missing")
-  out = dict(recentralized=rec, bits=bits, bias=bias,
-             means=list(v.f32_pair(q, "means", f"{field}.means")),
-             sigma=v.f32(q["sigma"], f"{field}.sigma"),
-             alpha=v.f32(q["alpha"], f"{field}.alpha"))
+  out = dict(
+    recentralized=rec,
+    bits=bits,
+    bias=bias,
+    means=list(v.f32_pair(q, "means", f"{field}.means")),
+    sigma=v.f32(q["sigma"], f"{field}.sigma"),
+    alpha=v.f32(q["alpha"], f"{field}.alpha"),
+  )
   g = q.get("gmm")
   if g is not None:
     if not isinstance(g, dict):
       v.fail(f"{field}.gmm", "must be an object")
-    out["gmm"] = gmm_lib.GMM(*(v.f32_pair(g, k, f"{field}.gmm.{k}")
-                               for k in ("weights", "means", "stds")))
+    out["gmm"] = gmm_lib.GMM(
+      *(v.f32_pair(g, k, f"{field}.gmm.{k}") for k in ("weights", "means", "stds"))
+    )
   else:
     out["gmm"] = None
   out["separation"] = v.f32(q["separation"], f"{field}.separation") if "separation" in q else None
@@ -650,7 +717,7 @@ def _read_model(r: Reader, alphabet: int, coder: str, what: str) -> np.ndarray:
     r.fail(f"{what} table of {m} entries does not fit in the section")
   table = np.zeros(alphabet, np.int64)
   vals = [r.varint(f"{what} table entry", limit) for _ in range(m)]
-  table[lo:lo + m] = vals
+  table[lo : lo + m] = vals
   return table
 
 
@@ -774,8 +841,10 @@ def _decode(data, max_output_bytes) -> DecodedModel:
       budget += _PER_SYMBOL * (npos + layer.kept) + size  # symbols, indices, mask
     layers.append(layer)
   if budget > max_output_bytes:
-    raise FormatError(f"header: the arrays would need {budget} bytes to decode, more than the "
-                      f"allowed {max_output_bytes} (max_output_bytes) for a {len(data)}-byte file")
+    raise FormatError(
+      f"header: the arrays would need {budget} bytes to decode, more than the "
+      f"allowed {max_output_bytes} (max_output_bytes) for a {len(data)}-byte file"
+    )
 
   # Pass 2: parse sections; decode rANS streams, queue Huffman streams.
   hstreams: list[huffman_lib.Stream] = []
@@ -788,8 +857,10 @@ def _decode(data, max_output_bytes) -> DecodedModel:
     if layer.kind == "raw":
       need = layer.size * DTYPES[stored].itemsize
       if end - start != need:
-        raise FormatError(f"{name} at file offset {start}: holds {end - start} bytes, "
-                          f"not the {need} of a {stored} array of shape {list(layer.shape)}")
+        raise FormatError(
+          f"{name} at file offset {start}: holds {end - start} bytes, "
+          f"not the {need} of a {stored} array of shape {list(layer.shape)}"
+        )
       continue
     r = Reader(data, start, end, name)
     run = entry["run"]
@@ -820,14 +891,19 @@ def _decode(data, max_output_bytes) -> DecodedModel:
     if layer.kind == "pruned":
       itemsize = DTYPES[stored].itemsize
       if end - payload_end != layer.kept * itemsize:
-        r.fail(f"kept values need {layer.kept * itemsize} bytes after the payload, "
-               f"{end - payload_end} remain", payload_end)
+        r.fail(
+          f"kept values need {layer.kept * itemsize} bytes after the payload, "
+          f"{end - payload_end} remain",
+          payload_end,
+        )
       layer.values = data[payload_end:end]
     elif layer.kind == "codebook":
       if end - payload_end != 4 * layer.codewords:
-        r.fail(f"the codebook of {layer.codewords} float32 codewords needs "
-               f"{4 * layer.codewords} bytes after the payload, {end - payload_end} remain",
-               payload_end)
+        r.fail(
+          f"the codebook of {layer.codewords} float32 codewords needs "
+          f"{4 * layer.codewords} bytes after the payload, {end - payload_end} remain",
+          payload_end,
+        )
       layer.codebook = np.frombuffer(data, "<f4", layer.codewords, payload_end).astype(np.float32)
     elif payload_end != end:
       r.fail(f"{end - payload_end} unexpected bytes after the payload", payload_end)
@@ -835,8 +911,9 @@ def _decode(data, max_output_bytes) -> DecodedModel:
 
     if coder == "ans":
       streams = [(count, table, np.flatnonzero(table)) for table, count, _ in tables]
-      decoded = ans_lib.decode(data[payload_start:payload_end], streams,
-                               f"{name} payload at file offset {payload_start}")
+      decoded = ans_lib.decode(
+        data[payload_start:payload_end], streams, f"{name} payload at file offset {payload_start}"
+      )
       for (table, count, what), d in zip(tables, decoded):
         setattr(layer, what, d)
       layer.pos_hist = pos_table  # rANS tables are the exact histograms
@@ -855,8 +932,9 @@ def _decode(data, max_output_bytes) -> DecodedModel:
       if num_lanes > pr.remaining():
         pr.fail(f"{num_lanes} {what} lanes do not fit")
       max_bits = lane * int(table.max())
-      bits = np.array([pr.varint(f"{what} lane bits", max_bits) for _ in range(num_lanes)],
-                      np.int64)
+      bits = np.array(
+        [pr.varint(f"{what} lane bits", max_bits) for _ in range(num_lanes)], np.int64
+      )
       lane_info.append(bits)
       table_bytes += 4 * huffman_lib.table_size(table)
     for (table, count, what), bits in zip(tables, lane_info):
@@ -867,16 +945,21 @@ def _decode(data, max_output_bytes) -> DecodedModel:
       nbytes = container.ceil_div(int(bits.sum()), 8)
       stream_start = pr.pos
       payload = pr.take(nbytes, f"{what} bit stream")
-      hstreams.append(huffman_lib.Stream(table, count, bits, payload,
-                                         f"{name} {what} stream at file offset {stream_start}"))
+      hstreams.append(
+        huffman_lib.Stream(
+          table, count, bits, payload, f"{name} {what} stream at file offset {stream_start}"
+        )
+      )
       hslots.append((layer, what))
     pr.expect_end("the Huffman streams")
   if hstreams:
     total_payload = sum(len(s.payload) for s in hstreams)
     need = table_bytes + 10 * (total_payload + 3 * lane + 32)
     if budget + need > max_output_bytes:
-      raise FormatError(f"Huffman decoding tables and buffers need {need} more bytes, beyond "
-                        f"the allowed {max_output_bytes} (max_output_bytes)")
+      raise FormatError(
+        f"Huffman decoding tables and buffers need {need} more bytes, beyond "
+        f"the allowed {max_output_bytes} (max_output_bytes)"
+      )
     for (layer, what), d in zip(hslots, huffman_lib.decode_streams(hstreams, lane)):
       setattr(layer, what, d)
 
@@ -892,10 +975,21 @@ def _decode(data, max_output_bytes) -> DecodedModel:
     entry = layer.entry
     path, dtype = entry["path"], entry["dtype"]
     name = f"section {layer.index} ({path[:80]!r})"
-    info = dict(path=path, shape=list(layer.shape), dtype=dtype, stored=entry.get("stored", dtype),
-                kind=layer.kind, size=layer.size, kept=layer.size, section_bytes=end - start,
-                coded_bytes=0, position_entropy_bits=0.0, symbol_entropy_bits=0.0,
-                entropy_bound_bytes=0.0, npos=0)
+    info = dict(
+      path=path,
+      shape=list(layer.shape),
+      dtype=dtype,
+      stored=entry.get("stored", dtype),
+      kind=layer.kind,
+      size=layer.size,
+      kept=layer.size,
+      section_bytes=end - start,
+      coded_bytes=0,
+      position_entropy_bits=0.0,
+      symbol_entropy_bits=0.0,
+      entropy_bound_bytes=0.0,
+      npos=0,
+    )
     infos.append(info)
     if layer.kind == "raw":
       raw = np.frombuffer(data, _le(entry["stored"]), layer.size, start)
@@ -905,8 +999,9 @@ def _decode(data, max_output_bytes) -> DecodedModel:
       continue
     run = entry["run"]
     escapes = layer.pos_hist is None or run >= layer.pos_hist.size or layer.pos_hist[run] > 0
-    indices = positions_lib.decode(layer.pos, run, layer.coded, layer.size,
-                                   f"{name} position code", escapes=escapes)
+    indices = positions_lib.decode(
+      layer.pos, run, layer.coded, layer.size, f"{name} position code", escapes=escapes
+    )
     if entry["inverted"]:
       mask = np.ones(layer.size, bool)
       mask[indices] = False
@@ -916,8 +1011,12 @@ def _decode(data, max_output_bytes) -> DecodedModel:
       mask[indices] = True
       kept_idx = indices
     masks[path] = mask.reshape(layer.shape)
-    info.update(kept=layer.kept, coded_bytes=layer.coded_bytes, npos=int(layer.pos.size),
-                position_entropy_bits=_entropy_bits(layer.pos, layer.pos_hist))
+    info.update(
+      kept=layer.kept,
+      coded_bytes=layer.coded_bytes,
+      npos=int(layer.pos.size),
+      position_entropy_bits=_entropy_bits(layer.pos, layer.pos_hist),
+    )
     if layer.kind == "pruned":
       out = np.zeros(layer.size, DTYPES[dtype])
       kept = np.frombuffer(layer.values, _le(entry["stored"]))
@@ -934,18 +1033,23 @@ def _decode(data, max_output_bytes) -> DecodedModel:
       with np.errstate(over="ignore"):  # a float32 codeword beyond float16 becomes inf
         out[kept_idx] = layer.codebook[layer.sym].astype(DTYPES[dtype])
       arrays[path] = out.reshape(layer.shape)
-      codebooks[path] = functools.partial(_codebook_state, layer.codebook, layer.size,
-                                          layer.shape, kept_idx, layer.sym, masks[path])
+      codebooks[path] = functools.partial(
+        _codebook_state, layer.codebook, layer.size, layer.shape, kept_idx, layer.sym, masks[path]
+      )
     else:
       info["symbol_entropy_bits"] = _entropy_bits(layer.sym, layer.sym_hist)
       focused_groups.setdefault(dtype, []).append((layer, kept_idx, layer.sym))
-    info["entropy_bound_bytes"] = (info["position_entropy_bits"]
-                                   + info["symbol_entropy_bits"]) / 8
+    info["entropy_bound_bytes"] = (info["position_entropy_bits"] + info["symbol_entropy_bits"]) / 8
     if layer.params is not None:
       p = layer.params
-      info.update(recentralized=p["recentralized"], bits=p["bits"],
-                  mu=[float(m) for m in p["means"]], sigma=float(p["sigma"]), bias=p["bias"],
-                  alpha=float(p["alpha"]))
+      info.update(
+        recentralized=p["recentralized"],
+        bits=p["bits"],
+        mu=[float(m) for m in p["means"]],
+        sigma=float(p["sigma"]),
+        bias=p["bias"],
+        alpha=float(p["alpha"]),
+      )
   for dtype, group in focused_groups.items():
     values = batched_values([g[2] for g in group], [g[0].params for g in group], DTYPES[dtype])
     for (layer, kept_idx, sym), val in zip(group, values):
@@ -955,13 +1059,23 @@ def _decode(data, max_output_bytes) -> DecodedModel:
       out[kept_idx] = val
       arrays[path] = out.reshape(layer.shape)
       symbols_out[path] = functools.partial(_full_symbols, layer.size, layer.shape, kept_idx, sym)
-      focus[path] = functools.partial(_focus_state, p, layer.size, layer.shape, kept_idx, sym,
-                                      masks[path])
+      focus[path] = functools.partial(
+        _focus_state, p, layer.size, layer.shape, kept_idx, sym, masks[path]
+      )
   arrays = {layer.entry["path"]: arrays[layer.entry["path"]] for layer in layers}
-  return DecodedModel(arrays=arrays, focus=_Lazy(focus), masks=masks, symbols=_Lazy(symbols_out),
-                      metadata=metadata, coder=coder, version=(major, minor),
-                      file_bytes=len(data), header_bytes=header_end, layers=infos,
-                      codebooks=_Lazy(codebooks))
+  return DecodedModel(
+    arrays=arrays,
+    focus=_Lazy(focus),
+    masks=masks,
+    symbols=_Lazy(symbols_out),
+    metadata=metadata,
+    coder=coder,
+    version=(major, minor),
+    file_bytes=len(data),
+    header_bytes=header_end,
+    layers=infos,
+    codebooks=_Lazy(codebooks),
+  )
 
 
 # ----------------------------------------------------------------------------
@@ -1017,22 +1131,22 @@ def artifact_summary(decoded_or_bytes) -> dict:
       raw_bytes += row["section_bytes"] - row["coded_bytes"]
     rows.append(row)
   return dict(
-      file_bytes=d.file_bytes,
-      header_bytes=d.header_bytes,
-      num_values=num_values,
-      float32_bytes=4 * num_values,
-      compression_ratio=4 * num_values / d.file_bytes,
-      kernel_values=kernel_values,
-      kernel_section_bytes=kernel_bytes,
-      paper_style_compression_ratio=(4 * kernel_values / kernel_bytes) if kernel_bytes else None,
-      entropy_bound_bytes=bound,
-      coded_bytes=coded,
-      coder_overhead=(coded / bound - 1.0) if bound > 0 else None,
-      file_entropy_bound_bytes=bound + raw_bytes + d.header_bytes,
-      coder=d.coder,
-      version=list(d.version),
-      metadata=d.metadata,
-      layers=rows,
+    file_bytes=d.file_bytes,
+    header_bytes=d.header_bytes,
+    num_values=num_values,
+    float32_bytes=4 * num_values,
+    compression_ratio=4 * num_values / d.file_bytes,
+    kernel_values=kernel_values,
+    kernel_section_bytes=kernel_bytes,
+    paper_style_compression_ratio=(4 * kernel_values / kernel_bytes) if kernel_bytes else None,
+    entropy_bound_bytes=bound,
+    coded_bytes=coded,
+    coder_overhead=(coded / bound - 1.0) if bound > 0 else None,
+    file_entropy_bound_bytes=bound + raw_bytes + d.header_bytes,
+    coder=d.coder,
+    version=list(d.version),
+    metadata=d.metadata,
+    layers=rows,
   )
 
 
@@ -1050,15 +1164,15 @@ def _structure(tree):
 
 
 def save_fqz(
-    path,
-    params_or_variables,
-    opt_state_or_fq_state=None,
-    *,
-    extra=None,
-    coder: str = "ans",
-    metadata: dict | None = None,
-    params_key: str | None = "auto",
-    float_dtype: str | None = None,
+  path,
+  params_or_variables,
+  opt_state_or_fq_state=None,
+  *,
+  extra=None,
+  coder: str = "ans",
+  metadata: dict | None = None,
+  params_key: str | None = "auto",
+  float_dtype: str | None = None,
 ) -> int:
   """Writes a model and its compression state to an .fqz file.
 
@@ -1088,8 +1202,12 @@ def save_fqz(
   state = None if opt_state_or_fq_state is None else transforms.find_state(opt_state_or_fq_state)
   if params_key == "auto":
     params_key = None
-    if (state is not None and isinstance(tree, Mapping) and "params" in tree
-        and _structure(state.masks) != _structure(tree)):
+    if (
+      state is not None
+      and isinstance(tree, Mapping)
+      and "params" in tree
+      and _structure(state.masks) != _structure(tree)
+    ):
       params_key = "params"
   if params_key is not None:
     if not isinstance(tree, Mapping) or params_key not in tree:
@@ -1111,11 +1229,14 @@ def save_fqz(
     try:
       mask_leaves = treedef.flatten_up_to(state.masks)
       param_paths = treedef.flatten_up_to(rules_lib.leaf_paths(params))
-      focus_leaves = (treedef.flatten_up_to(state.focus) if hasattr(state, "focus")
-                      else [None] * len(mask_leaves))
+      focus_leaves = (
+        treedef.flatten_up_to(state.focus) if hasattr(state, "focus") else [None] * len(mask_leaves)
+      )
     except (ValueError, TypeError) as e:
-      raise ValueError("the compression state's trees do not mirror the parameters "
-                       f"(params_key={params_key!r}): {e}") from None
+      raise ValueError(
+        "the compression state's trees do not mirror the parameters "
+        f"(params_key={params_key!r}): {e}"
+      ) from None
     for m, f, p in zip(mask_leaves, focus_leaves, param_paths):
       if m is None:
         continue
@@ -1129,8 +1250,9 @@ def save_fqz(
       if p in arrays:
         raise ValueError(f"extra path {p!r} clashes with a model path")
       arrays[p] = np.asarray(x)
-  data = encode_model(arrays, focus=focus, masks=masks, coder=coder, metadata=metadata,
-                      float_dtype=float_dtype)
+  data = encode_model(
+    arrays, focus=focus, masks=masks, coder=coder, metadata=metadata, float_dtype=float_dtype
+  )
   with open(path, "wb") as fh:
     fh.write(data)
   return len(data)

@@ -45,13 +45,14 @@ def _estimated_bits(hist: np.ndarray, run: int, coder: str) -> float:
   escapes = float(np.dot(hist, g // run))
   counts = np.append(np.bincount(g % run, weights=hist, minlength=run), escapes)
   present = np.flatnonzero(counts)
-  table = counts[present[0]:present[-1] + 1]
+  table = counts[present[0] : present[-1] + 1]
   nz = counts[present]
   total = nz.sum()
   if coder == "huffman" and present.size > 1:
     # Lazy import: huffman imports nothing from here, but keep the modules independent.
     from fq_jax._src.codec import huffman
-    bits = float(np.dot(nz, huffman.code_lengths(np.rint(nz).astype(np.int64))[:present.size]))
+
+    bits = float(np.dot(nz, huffman.code_lengths(np.rint(nz).astype(np.int64))[: present.size]))
     table_bytes = table.size + 4
   else:
     bits = float(-(nz * np.log2(nz / total)).sum())
@@ -106,8 +107,9 @@ def encode(indices: np.ndarray, run: int) -> np.ndarray:
   return out
 
 
-def decode(symbols: np.ndarray, run: int, num_coded: int, size: int, where: str,
-           escapes: bool = True) -> np.ndarray:
+def decode(
+  symbols: np.ndarray, run: int, num_coded: int, size: int, where: str, escapes: bool = True
+) -> np.ndarray:
   """Flat indices from gap symbols; checks they stay inside an array of `size`.
 
   `escapes=False` promises that the escape symbol does not occur (its table
@@ -132,8 +134,7 @@ def decode(symbols: np.ndarray, run: int, num_coded: int, size: int, where: str,
     indices = np.cumsum(advance, dtype=acc)
   indices -= 1
   if indices.size != num_coded:
-    raise FormatError(f"{where}: position code gives {indices.size} positions, "
-                      f"not {num_coded}")
+    raise FormatError(f"{where}: position code gives {indices.size} positions, not {num_coded}")
   if indices[-1] >= size:
     raise FormatError(f"{where}: position code runs past the array's {size} entries")
   return indices
