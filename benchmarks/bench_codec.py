@@ -52,10 +52,10 @@ import numpy as np  # noqa: E402
 
 import fq_jax as fq  # noqa: E402
 from fq_jax import cli  # noqa: E402
-from fq_jax._src.codec import ans as ans_lib  # noqa: E402
-from fq_jax._src.codec import huffman as huffman_lib  # noqa: E402
-from fq_jax._src.codec import model as model_lib  # noqa: E402
-from fq_jax._src.codec import positions as positions_lib  # noqa: E402
+from fq_jax.codec import ans as ans_lib  # noqa: E402
+from fq_jax.codec import huffman as huffman_lib  # noqa: E402
+from fq_jax.codec import model as model_lib  # noqa: E402
+from fq_jax.codec import positions as positions_lib  # noqa: E402
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared" / "models"

@@ -50,8 +50,8 @@ import numpy as np
 
 import fq_jax as fq
 from fq_jax import data, models
-from fq_jax._src import integer as integer_lib
 from fq_jax.cli import focus_layer
+from fq_jax.integer import layers as integer_lib
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
@@ -122,7 +122,7 @@ def _by_layer(stats):
 
 def from_fqz(path, limit, out):
   """Table 3's rows from a file written by train.py (see the module docstring)."""
-  from fq_jax._src import integer_models
+  from fq_jax.integer import executor as integer_models
 
   decoded = fq.load_fqz(path)
   spec = integer_models.model_spec(decoded)

@@ -14,15 +14,6 @@ from fq_jax._src.codebook import (
   uniform_codebook,
   uniform_levels,
 )
-from fq_jax._src.codec import (
-  DecodedModel,
-  FormatError,
-  artifact_summary,
-  decode_model,
-  encode_model,
-  load_fqz,
-  save_fqz,
-)
 from fq_jax._src.gmm import (
   GMM,
   fit_gmm,
@@ -30,22 +21,6 @@ from fq_jax._src.gmm import (
   gmm_log_likelihood,
   gmm_posterior,
   wasserstein_separation,
-)
-from fq_jax._src.integer import (
-  ActivationScale,
-  QuantizedActivationsModel,
-  apply_quantized,
-  calibrate_activations,
-  fold_requant,
-  prepare_layer,
-  quantize_activations,
-  shift_add,
-)
-from fq_jax._src.integer_models import (
-  IntegerModel,
-  count_integer_ops,
-  evaluate_fqz,
-  load_integer_model,
 )
 from fq_jax._src.masks import (
   apply_masks,
@@ -81,6 +56,29 @@ from fq_jax._src.transforms import (
   inq_schedule,
   quantized,
   quantized_fraction,
+)
+from fq_jax.codec import (
+  DecodedModel,
+  FormatError,
+  artifact_summary,
+  decode_model,
+  encode_model,
+  load_fqz,
+  save_fqz,
+)
+from fq_jax.integer import (
+  ActivationScale,
+  IntegerModel,
+  QuantizedActivationsModel,
+  apply_quantized,
+  calibrate_activations,
+  count_integer_ops,
+  evaluate_fqz,
+  fold_requant,
+  load_integer_model,
+  prepare_layer,
+  quantize_activations,
+  shift_add,
 )
 
 __all__ = [

@@ -27,7 +27,7 @@ import zlib
 import numpy as np
 
 import fq_jax as fq
-from fq_jax._src.codec import container
+from fq_jax.codec import container
 
 TIME_LIMIT_S = 5.0
 MAX_OUTPUT_BYTES = 1 << 22  # the decoder's allowance while fuzzing

@@ -15,7 +15,7 @@ import pytest
 from sklearn.cluster import KMeans
 
 import fq_jax as fq
-from fq_jax._src.codec import container
+from fq_jax.codec import container
 
 
 def sparse_layer(shape, sparsity, seed, scale=0.05):

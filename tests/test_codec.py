@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import fq_jax as fq
-from fq_jax._src.codec import ans, container, huffman, positions
+from fq_jax.codec import ans, container, huffman, positions
 
 # ----------------------------------------------------------------------------
 # Container primitives

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 import fq_jax as fq
-from fq_jax._src.codec import container
+from fq_jax.codec import container
 
 
 @pytest.fixture(scope="module")

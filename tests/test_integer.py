@@ -28,9 +28,9 @@ import pytest
 
 import fq_jax as fq
 from fq_jax import models
-from fq_jax._src import integer as I
-from fq_jax._src import integer_models as IM
 from fq_jax.cli import main as cli_main
+from fq_jax.integer import executor as IM
+from fq_jax.integer import layers as I
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 import constriction
 import numpy as np
 
-from fq_jax._src.codec.container import FormatError
+from fq_jax.codec.container import FormatError
 
 PRECISION = 24
 TOTAL = 1 << PRECISION

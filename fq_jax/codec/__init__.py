@@ -1,7 +1,7 @@
 """The .fqz compressed-model artifact: container, entropy coders, model <-> file."""
 
-from fq_jax._src.codec.container import FormatError
-from fq_jax._src.codec.model import (
+from fq_jax.codec.container import FormatError
+from fq_jax.codec.model import (
   DecodedModel,
   artifact_summary,
   decode_model,

@@ -2,7 +2,7 @@
 
 This module holds the pieces of the paper's Sec. 4.2 / Table 3 experiment
 ("5-bit FQ + 8-bit activations + 16-bit integer batch norm") that do not
-depend on a particular network; `fq_jax._src.integer_models` strings them
+depend on a particular network; `fq_jax.integer.executor` strings them
 together for the model zoo and runs a compressed model from its .fqz file.
 docs/integer_inference.md is the long-form description.
 

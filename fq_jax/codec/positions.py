@@ -14,7 +14,7 @@ import math
 
 import numpy as np
 
-from fq_jax._src.codec.container import FormatError
+from fq_jax.codec.container import FormatError
 
 MAX_RUN = 1 << 16  # largest escape value R the encoder picks (a file may use up to 2^24)
 FORMAT_MAX_RUN = 1 << 24
@@ -50,7 +50,7 @@ def _estimated_bits(hist: np.ndarray, run: int, coder: str) -> float:
   total = nz.sum()
   if coder == "huffman" and present.size > 1:
     # Lazy import: huffman imports nothing from here, but keep the modules independent.
-    from fq_jax._src.codec import huffman
+    from fq_jax.codec import huffman
 
     bits = float(np.dot(nz, huffman.code_lengths(np.rint(nz).astype(np.int64))[: present.size]))
     table_bytes = table.size + 4

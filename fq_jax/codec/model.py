@@ -41,11 +41,11 @@ from fq_jax._src import codebook as codebook_lib
 from fq_jax._src import gmm as gmm_lib
 from fq_jax._src import quantizers, transforms
 from fq_jax._src import rules as rules_lib
-from fq_jax._src.codec import ans as ans_lib
-from fq_jax._src.codec import container
-from fq_jax._src.codec import huffman as huffman_lib
-from fq_jax._src.codec import positions as positions_lib
-from fq_jax._src.codec.container import FormatError, Reader
+from fq_jax.codec import ans as ans_lib
+from fq_jax.codec import container
+from fq_jax.codec import huffman as huffman_lib
+from fq_jax.codec import positions as positions_lib
+from fq_jax.codec.container import FormatError, Reader
 
 CODERS = ("ans", "huffman")
 KINDS = ("raw", "pruned", "focused", "codebook")

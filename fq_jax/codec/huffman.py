@@ -19,7 +19,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from fq_jax._src.codec.container import FormatError
+from fq_jax.codec.container import FormatError
 
 FORMAT_MAX_LEN = 24  # longest code length a file may use
 DEFAULT_MAX_LEN = 16  # what the encoder produces (64K-entry decode tables)

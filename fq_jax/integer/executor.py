@@ -33,7 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fq_jax._src import integer as I
+from fq_jax.integer import layers as I
 
 BN_EPSILON = 1e-5  # every batch norm of fq_jax.models
 # Fraction bits of wide (int64) tensors below the finest activation step. With
@@ -682,7 +682,7 @@ def _summarize(count: _Counter, shape, model: IntegerModel) -> dict:
 
 def load_integer_model(path_or_decoded, **kwargs) -> IntegerModel:
   """`IntegerModel` of an .fqz file path or a `DecodedModel`."""
-  from fq_jax._src.codec import load_fqz
+  from fq_jax.codec import load_fqz
 
   decoded = (
     load_fqz(path_or_decoded)
@@ -835,7 +835,7 @@ def evaluate_fqz(
   """
   import time
 
-  from fq_jax._src.codec import load_fqz
+  from fq_jax.codec import load_fqz
 
   decoded = (
     load_fqz(path_or_decoded)

@@ -259,7 +259,7 @@ def _run_compress(args) -> int:
   rules.append(fq.Rule(pattern=""))  # every floating array of rank >= 2
   for key, value in arrays.items():
     try:
-      fq._src.codec.model.dtype_name(value.dtype)
+      fq.codec.model.dtype_name(value.dtype)
     except ValueError as e:
       raise CLIError(f"{args.weights}: array {key!r}: {e}") from None
   specs = fq.resolve(arrays, rules, sparsity=args.sparsity, bits=args.bits, w_sep=args.w_sep)
@@ -460,7 +460,7 @@ COMMANDS: list[Command] = [
 ]
 
 # evaluate: test accuracy on the integer (multiplication-free) or float path (fq_jax/_src/integer_cli.py).
-from fq_jax._src import integer_cli as _integer_cli  # noqa: E402  (no jax import at load time)
+from fq_jax.cli import evaluate as _integer_cli  # noqa: E402  (no jax import at load time)
 
 COMMANDS.append(
   Command("evaluate", _integer_cli.HELP, _integer_cli.add_arguments, _integer_cli.run)
