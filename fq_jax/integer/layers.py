@@ -78,6 +78,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from fq_jax._src import quantizers
+from fq_jax.codec.metadata import ActivationScale, parse_activation_scales
 
 MAX_ACTIVATION_BITS = 16
 MAX_BN_BITS = 24
@@ -167,57 +168,6 @@ def scale_exponent(clip: float, *, bits: int, signed: bool, rounding: str = "cei
   if rounding == "nearest":
     return int(round(math.log2(ratio)))
   raise ValueError(f"rounding must be 'ceil' or 'nearest', got {rounding!r}")
-
-
-@dataclasses.dataclass(frozen=True)
-class ActivationScale:
-  """The quantizer of one layer's input: `2^exponent * {codes}` with `bits`-bit codes.
-
-  Stored in .fqz metadata as {"exponent": int, "signed": bool} under the
-  layer's module path (e.g. "stage1_block0/conv1").
-  """
-
-  exponent: int
-  signed: bool
-
-  @property
-  def scale(self) -> float:
-    return math.ldexp(1.0, self.exponent)
-
-  def to_json(self) -> dict:
-    return {"exponent": int(self.exponent), "signed": bool(self.signed)}
-
-  @classmethod
-  def from_json(cls, obj) -> "ActivationScale":
-    if isinstance(obj, ActivationScale):
-      return obj
-    try:
-      exponent, signed = obj["exponent"], obj["signed"]
-    except (TypeError, KeyError):
-      raise ValueError(
-        f"an activation scale must be {{'exponent': int, 'signed': bool}}, got {obj!r}"
-      ) from None
-    if not isinstance(exponent, int) or isinstance(exponent, bool) or not -64 <= exponent <= 64:
-      raise ValueError(
-        f"activation scale exponent must be an integer in [-64, 64], got {exponent!r}"
-      )
-    if not isinstance(signed, bool):
-      raise ValueError(f"activation scale 'signed' must be a boolean, got {signed!r}")
-    return cls(exponent, signed)
-
-
-def parse_activation_scales(obj) -> dict[str, ActivationScale]:
-  """{module path: ActivationScale} from JSON-like metadata (or ActivationScales)."""
-  if obj is None:
-    return {}
-  if not isinstance(obj, Mapping):
-    raise ValueError(f"activation scales must be a mapping, got {type(obj).__name__}")
-  return {str(k): ActivationScale.from_json(v) for k, v in obj.items()}
-
-
-def scales_to_json(scales: Mapping[str, ActivationScale]) -> dict:
-  """The metadata form of `calibrate_activations`'s result."""
-  return {k: ActivationScale.from_json(v).to_json() for k, v in scales.items()}
 
 
 def _module_path(module: nn.Module) -> str:
