@@ -30,6 +30,7 @@ import re
 from typing import Any
 
 import fq_jax as fq
+from fq_jax._src import rule_syntax
 from fq_jax._src.quantizers import MAX_BITS, MIN_BITS
 
 MODEL_NAMES = ("digits_cnn", "cifar_resnet", "resnet18", "resnet50", "mobilenet_v1", "mobilenet_v2")
@@ -75,43 +76,11 @@ _RULE_FIELDS = {
 
 
 def parse_rule(text: str, key: str = "quant.rules") -> fq.Rule:
-  """Parses one `REGEX:key=value,...` override into an `fq.Rule`.
-
-  Args:
-    text: the rule string (module docstring has the syntax).
-    key: config key named in errors.
-
-  Returns:
-    The rule.
-
-  Raises:
-    ConfigError: for a malformed rule, an unknown field or a bad value.
-  """
-  if ":" not in text:
-    raise ConfigError(key, f"rule {text!r} is not 'REGEX:key=value,...'")
-  pattern, _, body = text.rpartition(":")
-  fields: dict[str, Any] = {}
-  for item in filter(None, (s.strip() for s in body.split(","))):
-    name, eq, value = item.partition("=")
-    name, value = name.strip(), value.strip()
-    if not eq or name not in _RULE_FIELDS:
-      raise ConfigError(
-        key, f"rule {text!r}: unknown setting {item!r} (known: {', '.join(sorted(_RULE_FIELDS))})"
-      )
-    kind = _RULE_FIELDS[name]
-    try:
-      if kind == "bool":
-        fields[name] = _BOOL_WORDS[value.lower()]
-      elif kind == "int":
-        fields[name] = int(value)
-      else:
-        fields[name] = float(value)
-    except (KeyError, ValueError):
-      raise ConfigError(key, f"rule {text!r}: {name}={value!r} is not a {kind}") from None
+  """Parses one `REGEX:key=value,...` override (`fq_jax._src.rule_syntax`), naming `key` in errors."""
   try:
-    return fq.Rule(pattern=pattern, **fields)
-  except ValueError as e:
-    raise ConfigError(key, f"rule {text!r}: {e}") from None
+    return rule_syntax.parse_rule(text)
+  except rule_syntax.RuleSyntaxError as e:
+    raise ConfigError(key, str(e)) from None
 
 
 def compression_rules(config) -> tuple[fq.Rule, ...]:
