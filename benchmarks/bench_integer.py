@@ -50,8 +50,8 @@ import numpy as np
 
 import fq_jax as fq
 from fq_jax import data, models
+from fq_jax import integer as integer_lib
 from fq_jax.cli import focus_layer
-from fq_jax.integer import layers as integer_lib
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
@@ -122,20 +122,18 @@ def _by_layer(stats):
 
 def from_fqz(path, limit, out):
   """Table 3's rows from a file written by train.py (see the module docstring)."""
-  from fq_jax.integer import executor as integer_models
-
   decoded = fq.load_fqz(path)
-  spec = integer_models.model_spec(decoded)
+  spec = integer_lib.model_spec(decoded)
   if not spec.activation_bits:
     sys.exit(f"{path} records no activation scales")
-  model = integer_models.build_float_model(spec)
+  model = integer_lib.build_float_model(spec)
   tree = decoded.tree()
   variables = {k: tree[k] for k in ("params", "batch_stats")}
   parts = {
     k: integer_lib.weight_parts_from_symbols(decoded.symbols[k], st)
     for k, st in decoded.focus.items()
   }
-  ds = data.load_cifar10() if spec.dataset == "cifar10" else data.load_digits()
+  ds = data.DATASETS[spec.dataset].load(None)
   x, y = ds.test
   if limit:
     x, y = x[:limit], y[:limit]
@@ -323,7 +321,7 @@ def main(argv=None):
     "dataset": "cifar10",
     "bits": args.bits,
     "activation_bits": args.act_bits,
-    "activation_scales": integer_lib.scales_to_json(scales),
+    "activation_scales": {p: s.to_json() for p, s in scales.items()},
     "bn_bits": args.bn_bits,
     "tool": "benchmarks/bench_integer.py (post-training)",
   }
@@ -360,7 +358,7 @@ def main(argv=None):
     "test_examples": len(yte),
     "rows": rows,
     "layer_kinds": kinds,
-    "activation_scales": integer_lib.scales_to_json(scales),
+    "activation_scales": {p: s.to_json() for p, s in scales.items()},
     "ops_per_image": tot,
     "ops_layers": ops["layers"],
     "seconds": seconds,

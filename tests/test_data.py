@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from fq_jax import data as data_lib
 from fq_jax.data import (
   CIFAR10_CLASSES,
   IMAGENET_MEAN,
@@ -58,6 +59,31 @@ def test_digits_split_is_fixed_and_stratified() -> None:
   np.testing.assert_array_equal(again.train[1], y_train)
   # A different seed gives a different split (the default is not accidentally unseeded).
   assert not np.array_equal(load_digits(random_state=1).test[1], y_test)
+
+
+def test_dataset_registry() -> None:
+  assert set(data_lib.DATASETS) == {"digits", "cifar10", "imagenet2012"}
+  for name, info in data_lib.DATASETS.items():
+    assert info.name == name and len(info.input_shape) == 3 and info.num_classes > 1
+    assert (info.load is None) != (info.stream is None), name  # in memory or streamed
+  digits = data_lib.DATASETS["digits"]
+  ds = digits.load(None)
+  assert ds.image_shape == digits.input_shape and ds.num_classes == digits.num_classes
+  x, y = ds.test
+  got = list(digits.test_batches(batch_size=100, limit=250))
+  assert [len(b[1]) for b in got] == [100, 100, 50]
+  np.testing.assert_array_equal(np.concatenate([b[0] for b in got]), x[:250])
+  np.testing.assert_array_equal(np.concatenate([b[1] for b in got]), y[:250])
+  assert data_lib.DATASETS["imagenet2012"].input_shape == (224, 224, 3)
+  with pytest.raises(ValueError, match="valid: digits, cifar10, imagenet2012"):
+    data_lib.get_dataset("mnist")
+
+
+def test_cifar10_archive_from_data_dir(tmp_path) -> None:
+  assert data_lib.cifar10_archive(None) is None
+  assert data_lib.cifar10_archive(tmp_path) == tmp_path / "cifar10-jpeg.tar.gz"
+  archive = tmp_path / "other.tar.gz"
+  assert data_lib.cifar10_archive(archive) == archive
 
 
 # ---------------------------------------------------------------------------------- batching

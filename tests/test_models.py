@@ -9,6 +9,7 @@ import numpy as np
 import optax
 import pytest
 
+from fq_jax import models
 from fq_jax.data import epoch_batches, load_digits
 from fq_jax.models import MODEL_NAMES, CifarBasicBlock, CifarResNet, get_model
 
@@ -40,6 +41,37 @@ def test_registry_names_and_errors() -> None:
   with pytest.raises(ValueError, match="6n\\+2"):
     get_model("cifar_resnet", depth=21)
   assert get_model("cifar_resnet", depth=56).depth == 56
+
+
+def test_build_is_the_registry_and_every_model_has_an_integer_graph() -> None:
+  assert models.build is get_model
+  assert models.build("mobilenet_v2", width=0.5).width == 0.5
+  for name in MODEL_NAMES:
+    assert callable(models.integer_graph(name)), name
+  with pytest.raises(ValueError, match="valid names"):
+    models.integer_graph("vgg16")
+
+
+def test_block_tables_are_the_networks_structure() -> None:
+  # The public tables the networks and their integer graphs share describe the networks:
+  # one block per V1 row, one per V2 repeat, and the channels the parameters have.
+  v1 = _paths(_abstract_variables(get_model("mobilenet_v1"), (1, 32, 32, 3))["params"])
+  assert {p.split("/")[0] for p in v1 if p.startswith("block")} == {
+    f"block{i}" for i in range(len(models.MOBILENET_V1_BLOCKS))
+  }
+  v2 = _abstract_variables(get_model("mobilenet_v2"), (1, 32, 32, 3))["params"]
+  blocks = [k for k in v2 if k.startswith("block")]
+  assert len(blocks) == sum(n for _, _, n, _ in models.MOBILENET_V2_SETTINGS)
+  last = len(blocks) - 1
+  assert (
+    v2[f"block{last}"]["project_conv"]["kernel"].shape[-1] == (models.MOBILENET_V2_SETTINGS[-1][1])
+  )
+  r18 = _abstract_variables(get_model("resnet18"), (1, 32, 32, 3))["params"]
+  widths = tuple(r18[f"stage{s}_block0"]["conv1"]["kernel"].shape[-1] for s in range(1, 5))
+  assert widths == models.RESNET_STAGE_PLANES
+  cifar = _abstract_variables(get_model("cifar_resnet", depth=8), (1, 8, 8, 3))["params"]
+  widths = tuple(cifar[f"stage{s}_block0"]["conv1"]["kernel"].shape[-1] for s in range(1, 4))
+  assert widths == models.CIFAR_RESNET_STAGE_PLANES
 
 
 @pytest.mark.parametrize("name", sorted(IMAGENET_PARAM_COUNTS))

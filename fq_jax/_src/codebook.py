@@ -37,8 +37,11 @@ import optax
 from fq_jax._src import rules as rules_lib
 from fq_jax._src import transforms
 
-MIN_BITS = 1
-MAX_BITS = 8
+# Bit-widths of the codebook baselines (K = 2^bits codewords). One bit is a legitimate
+# codebook (two codewords: binary weights), unlike the focused quantizer, whose code needs a
+# sign and an exponent (`fq_jax._src.quantizers.MIN_BITS` = 2).
+MIN_CODEBOOK_BITS = 1
+MAX_CODEBOOK_BITS = 8
 
 
 class CodebookState(NamedTuple):
@@ -58,8 +61,10 @@ class CodebookState(NamedTuple):
 
 
 def _check_bits(bits):
-  if not isinstance(bits, int) or not MIN_BITS <= bits <= MAX_BITS:
-    raise ValueError(f"bits must be an integer in [{MIN_BITS}, {MAX_BITS}], got {bits!r}")
+  if not isinstance(bits, int) or not MIN_CODEBOOK_BITS <= bits <= MAX_CODEBOOK_BITS:
+    raise ValueError(
+      f"bits must be an integer in [{MIN_CODEBOOK_BITS}, {MAX_CODEBOOK_BITS}], got {bits!r}"
+    )
 
 
 def _kept(w, mask):

@@ -129,7 +129,7 @@ def run(args) -> int:
   if not os.path.exists(args.model):
     raise CLIError(f"{args.model}: no such file")
   import fq_jax as fq
-  from fq_jax.integer import executor as integer_models
+  from fq_jax import integer as integer_models
 
   try:
     decoded = fq.load_fqz(args.model)

@@ -1,19 +1,19 @@
 """CIFAR-10 from the shared JPEG archive, decoded once and cached.
 
-Source: ``../shared/data/cifar10-jpeg.tar.gz`` relative to the repository root (see
-``../shared/DATA.md``), layout ``{train,test}/<class>/NNNN.jpg``. Labels are the indices of the
+Source: `../shared/data/cifar10-jpeg.tar.gz` relative to the repository root (see
+`../shared/DATA.md`), layout `{train,test}/<class>/NNNN.jpg`. Labels are the indices of the
 class folders in alphabetical order, which is the canonical CIFAR-10 order.
 
 Decoding: every JPEG is decoded once with Pillow to uint8 RGB, in sorted member-name order
-(deterministic), and the arrays are cached as an uncompressed ``.npz`` in :func:`cache_dir`
-(``$FQ_JAX_CACHE`` or ``~/.cache/fq_jax``), named after a sha256 prefix of the archive so a
+(deterministic), and the arrays are cached as an uncompressed `.npz` in `cache_dir`
+(`$FQ_JAX_CACHE` or `~/.cache/fq_jax`), named after a sha256 prefix of the archive so a
 different archive never reuses a stale cache. Decoding all 60,000 32x32 images takes ~5 s on
 one core, so it is done in a single process (a process pool would cost more in start-up and
 pickling than it saves). Concurrent loaders (e.g. pytest-xdist workers) serialize on a lock
 file so the archive is decoded only once, and the cache is written atomically.
 
-Normalization (as the pretrained checkpoints expect): ``pixels / 255``, then per channel
-``(x - mean) / std`` with mean (0.485, 0.456, 0.406) and std (0.229, 0.224, 0.225).
+Normalization (as the pretrained checkpoints expect): `pixels / 255`, then per channel
+`(x - mean) / std` with mean (0.485, 0.456, 0.406) and std (0.229, 0.224, 0.225).
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ from PIL import Image
 from fq_jax.data.common import InMemoryDataset, cache_dir, shared_dir
 
 CIFAR10_CLASSES: tuple[str, ...] = (
-    "airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck",
+  "airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck",
 )  # fmt: skip
 CIFAR10_MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
 CIFAR10_STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
@@ -43,7 +43,7 @@ _CACHE_VERSION = 1  # bump when the cached layout changes
 
 
 def default_cifar10_path() -> Path:
-  """``<shared>/data/cifar10-jpeg.tar.gz`` where ``<shared>`` is ``<repo>/../shared``."""
+  """`<shared>/data/cifar10-jpeg.tar.gz` where `<shared>` is `<repo>/../shared`."""
   return shared_dir() / "data" / "cifar10-jpeg.tar.gz"
 
 
@@ -56,13 +56,13 @@ def _file_digest(path: Path) -> str:
 
 
 def cifar10_cache_path(path: str | os.PathLike[str] | None = None) -> Path:
-  """The cache file used for the archive at ``path``.
+  """The cache file used for the archive at `path`.
 
   Args:
-    path: the JPEG archive (default :func:`default_cifar10_path`).
+    path: the JPEG archive (default `default_cifar10_path`).
 
   Returns:
-    ``<cache_dir>/cifar10-jpeg-v<version>-<sha256[:16]>.npz``.
+    `<cache_dir>/cifar10-jpeg-v<version>-<sha256[:16]>.npz`.
   """
   path = Path(path) if path is not None else default_cifar10_path()
   return cache_dir() / f"cifar10-jpeg-v{_CACHE_VERSION}-{_file_digest(path)[:16]}.npz"
@@ -72,11 +72,11 @@ def decode_cifar10_archive(path: str | os.PathLike[str]) -> dict[str, np.ndarray
   """Decodes the JPEG archive (no cache).
 
   Args:
-    path: ``.tar.gz`` with members ``{train,test}/<class>/<name>.jpg``.
+    path: `.tar.gz` with members `{train,test}/<class>/<name>.jpg`.
 
   Returns:
-    ``{'train_images': uint8 (N,32,32,3), 'train_labels': int32 (N,), 'test_images': ...,
-    'test_labels': ..., 'class_names': str array}``; images in sorted member-name order.
+    `{'train_images': uint8 (N,32,32,3), 'train_labels': int32 (N,), 'test_images': ...,
+    'test_labels': ..., 'class_names': str array}`; images in sorted member-name order.
 
   Raises:
     ValueError: if the archive lacks a split, or the splits' class folders differ.
@@ -121,11 +121,11 @@ def load_cifar10_uint8(
   """Decoded CIFAR-10 as uint8, from the cache when possible.
 
   Args:
-    path: the JPEG archive (default :func:`default_cifar10_path`).
-    use_cache: read/write the decoded arrays in :func:`cifar10_cache_path`.
+    path: the JPEG archive (default `default_cifar10_path`).
+    use_cache: read/write the decoded arrays in `cifar10_cache_path`.
 
   Returns:
-    The dict of :func:`decode_cifar10_archive`.
+    The dict of `decode_cifar10_archive`.
 
   Raises:
     FileNotFoundError: if the archive does not exist (the message names the path).
@@ -151,10 +151,10 @@ def load_cifar10_uint8(
 
 
 def normalize_cifar10(images: np.ndarray) -> np.ndarray:
-  """uint8 NHWC RGB -> float32, ``(x / 255 - mean) / std`` per channel.
+  """uint8 NHWC RGB -> float32, `(x / 255 - mean) / std` per channel.
 
   Args:
-    images: uint8 array ``(..., 3)``.
+    images: uint8 array `(..., 3)`.
 
   Returns:
     float32 array of the same shape.
@@ -170,11 +170,11 @@ def load_cifar10(
   """CIFAR-10 train (50,000) and test (10,000) splits, normalized float32 NHWC.
 
   Args:
-    path: the JPEG archive (default ``../shared/data/cifar10-jpeg.tar.gz`` from the repo).
+    path: the JPEG archive (default `../shared/data/cifar10-jpeg.tar.gz` from the repo).
     use_cache: use the decoded-array cache.
 
   Returns:
-    An :class:`InMemoryDataset` (images ``(N, 32, 32, 3)`` float32, labels int32).
+    An `InMemoryDataset` (images `(N, 32, 32, 3)` float32, labels int32).
   """
   arrays = load_cifar10_uint8(path, use_cache=use_cache)
   return InMemoryDataset(
@@ -190,14 +190,14 @@ def cifar10_augment(
   """Standard CIFAR training augmentation: random crop with zero padding and random flip.
 
   The padding is applied to the *normalized* images with value 0, i.e. the padded border
-  has the dataset-mean colour. (torchvision's usual ``RandomCrop(32, padding=4)`` before
-  ``Normalize`` pads black instead; with normalized arrays in memory, padding with 0 is the
+  has the dataset-mean colour. (torchvision's usual `RandomCrop(32, padding=4)` before
+  `Normalize` pads black instead; with normalized arrays in memory, padding with 0 is the
   natural choice and the difference is immaterial for training.)
 
   Args:
-    images: ``(B, H, W, C)`` batch (any dtype).
+    images: `(B, H, W, C)` batch (any dtype).
     rng: the generator; the result is a deterministic function of its state.
-    padding: pixels of padding on each side; crops are ``H x W``.
+    padding: pixels of padding on each side; crops are `H x W`.
 
   Returns:
     The augmented batch, same shape and dtype.
@@ -211,3 +211,14 @@ def cifar10_augment(
   cols = left[:, None] + np.arange(w)
   cols = np.where(flip[:, None], cols[:, ::-1], cols)  # a flip is a reversed column index
   return padded[np.arange(b)[:, None, None], rows[:, :, None], cols[:, None, :]]
+
+
+def cifar10_archive(data_dir: str | os.PathLike[str] | None) -> Path | None:
+  """The archive a `data_dir` names: a folder holding `cifar10-jpeg.tar.gz`, or the archive.
+
+  Returns None for None (the loaders then use `default_cifar10_path`).
+  """
+  if not data_dir:
+    return None
+  path = Path(data_dir)
+  return path / "cifar10-jpeg.tar.gz" if path.is_dir() else path

@@ -1,10 +1,10 @@
 """Pieces shared by the datasets: the in-memory dataset container, deterministic batching and
 the location of the shared data folder.
 
-Determinism and resumption: :func:`epoch_batches` derives everything random in an epoch from
-``(seed, epoch)`` (the example order) and ``(seed, epoch, step)`` (the augmentation of one
+Determinism and resumption: `epoch_batches` derives everything random in an epoch from
+`(seed, epoch)` (the example order) and `(seed, epoch, step)` (the augmentation of one
 batch), never from the state of a generator carried across batches. Starting an epoch at
-``start_step=k`` therefore yields exactly the batches ``k, k+1, ...`` of the uninterrupted
+`start_step=k` therefore yields exactly the batches `k, k+1, ...` of the uninterrupted
 epoch, which is what a run restored from a checkpoint needs.
 """
 
@@ -31,9 +31,9 @@ class InMemoryDataset:
   """A labelled image dataset held in memory as numpy arrays.
 
   Attributes:
-    train: ``(images float32 NHWC, labels int32)`` of the training split.
+    train: `(images float32 NHWC, labels int32)` of the training split.
     test: the same for the test split.
-    class_names: label ``i`` is ``class_names[i]``.
+    class_names: label `i` is `class_names[i]`.
   """
 
   train: tuple[np.ndarray, np.ndarray]
@@ -47,23 +47,23 @@ class InMemoryDataset:
 
   @property
   def image_shape(self) -> tuple[int, ...]:
-    """Shape ``(H, W, C)`` of one image."""
+    """Shape `(H, W, C)` of one image."""
     return tuple(self.train[0].shape[1:])
 
 
 def repo_root() -> Path:
-  """The repository root (the folder that contains the ``fq_jax`` package)."""
+  """The repository root (the folder that contains the `fq_jax` package)."""
   return Path(__file__).resolve().parents[2]
 
 
 def shared_dir() -> Path:
-  """The shared, read-only data folder: ``$FQ_JAX_SHARED`` if set, else ``<repo>/../shared``."""
+  """The shared, read-only data folder: `$FQ_JAX_SHARED` if set, else `<repo>/../shared`."""
   env = os.environ.get("FQ_JAX_SHARED")
   return Path(env) if env else repo_root().parent / "shared"
 
 
 def cache_dir() -> Path:
-  """Where decoded datasets are cached: ``$FQ_JAX_CACHE`` if set, else ``~/.cache/fq_jax``."""
+  """Where decoded datasets are cached: `$FQ_JAX_CACHE` if set, else `~/.cache/fq_jax`."""
   env = os.environ.get("FQ_JAX_CACHE")
   return Path(env).expanduser() if env else Path.home() / ".cache" / "fq_jax"
 
@@ -85,7 +85,7 @@ def num_batches(num_examples: int, batch_size: int, drop_remainder: bool) -> int
 
 
 def epoch_permutation(num_examples: int, *, seed: int, epoch: int) -> np.ndarray:
-  """The example order of one epoch, a pure function of ``(seed, epoch)``.
+  """The example order of one epoch, a pure function of `(seed, epoch)`.
 
   Args:
     num_examples: dataset size.
@@ -93,14 +93,14 @@ def epoch_permutation(num_examples: int, *, seed: int, epoch: int) -> np.ndarray
     epoch: epoch index (0-based).
 
   Returns:
-    int64 permutation of ``range(num_examples)``.
+    int64 permutation of `range(num_examples)`.
   """
   rng = np.random.default_rng([_PERMUTATION_STREAM, seed, epoch])
   return rng.permutation(num_examples)
 
 
 def step_rng(*, seed: int, epoch: int, step: int) -> np.random.Generator:
-  """The augmentation generator of one batch, a pure function of ``(seed, epoch, step)``.
+  """The augmentation generator of one batch, a pure function of `(seed, epoch, step)`.
 
   Args:
     seed: run seed.
@@ -142,21 +142,21 @@ def batches(
 ) -> Iterator[dict[str, np.ndarray]]:
   """One pass over an in-memory dataset.
 
-  With ``rng`` the examples are shuffled by ``rng.permutation`` and ``augment`` draws from
+  With `rng` the examples are shuffled by `rng.permutation` and `augment` draws from
   the same generator, so the output is a deterministic function of the generator's seed.
-  Without ``rng`` the order is the stored one (evaluation). For resumable training use
-  :func:`epoch_batches`.
+  Without `rng` the order is the stored one (evaluation). For resumable training use
+  `epoch_batches`.
 
   Args:
-    images: ``(N, ...)`` array.
-    labels: ``(N,)`` array.
+    images: `(N, ...)` array.
+    labels: `(N,)` array.
     batch_size: examples per batch.
     rng: shuffling/augmentation generator, or None for the stored order.
     drop_remainder: drop a final partial batch (keeps shapes static under jit).
-    augment: ``augment(batch_images, rng) -> batch_images``, applied per batch.
+    augment: `augment(batch_images, rng) -> batch_images`, applied per batch.
 
   Returns:
-    An iterator of ``{'image': ..., 'label': ...}`` numpy dicts.
+    An iterator of `{'image': ..., 'label': ...}` numpy dicts.
   """
   n = len(images)
   if len(labels) != n:
@@ -180,23 +180,23 @@ def epoch_batches(
 ) -> Iterator[dict[str, np.ndarray]]:
   """The batches of one training epoch, resumable at any step.
 
-  The order is :func:`epoch_permutation` ``(seed, epoch)`` and batch ``k`` is augmented with
-  :func:`step_rng` ``(seed, epoch, k)``, so ``epoch_batches(..., start_step=k)`` yields the
-  same batches as skipping the first ``k`` of an uninterrupted epoch, without computing them.
+  The order is `epoch_permutation` `(seed, epoch)` and batch `k` is augmented with
+  `step_rng` `(seed, epoch, k)`, so `epoch_batches(..., start_step=k)` yields the
+  same batches as skipping the first `k` of an uninterrupted epoch, without computing them.
 
   Args:
-    images: ``(N, ...)`` array.
-    labels: ``(N,)`` array.
+    images: `(N, ...)` array.
+    labels: `(N,)` array.
     batch_size: examples per batch.
     epoch: epoch index (0-based).
     seed: run seed.
     start_step: index of the first batch to yield (0 <= start_step <= batches per epoch).
     shuffle: permute the examples (False: stored order).
     drop_remainder: drop a final partial batch.
-    augment: ``augment(batch_images, rng) -> batch_images``.
+    augment: `augment(batch_images, rng) -> batch_images`.
 
   Returns:
-    An iterator of ``{'image': ..., 'label': ...}`` numpy dicts.
+    An iterator of `{'image': ..., 'label': ...}` numpy dicts.
   """
   n = len(images)
   if len(labels) != n:

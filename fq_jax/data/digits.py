@@ -1,8 +1,8 @@
 """scikit-learn's 8x8 handwritten digits: the embedded default dataset (no download).
 
 1,797 images, 10 classes. Pixels (0..16 in sklearn) are divided by 16 into [0, 1] and shaped
-``(N, 8, 8, 1)`` NHWC. The split is fixed and stratified: 25% test (450 images) and 75% train
-(1,347) with ``random_state=0``, so every run and every test sees the same split.
+`(N, 8, 8, 1)` NHWC. The split is fixed and stratified: 25% test (450 images) and 75% train
+(1,347) with `random_state=0`, so every run and every test sees the same split.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ def load_digits(
     random_state: seed of the split (the default split is the project's reference split).
 
   Returns:
-    An :class:`InMemoryDataset` with float32 images ``(N, 8, 8, 1)`` in [0, 1] and int32
+    An `InMemoryDataset` with float32 images `(N, 8, 8, 1)` in [0, 1] and int32
     labels; class names "0".."9".
   """
   # Imported here: scikit-learn takes about a second to import and only this loader needs it.

@@ -1,30 +1,30 @@
-"""ImageNet (ILSVRC-2012) through ``tfds.data_source``, with numpy/Pillow preprocessing.
+"""ImageNet (ILSVRC-2012) through `tfds.data_source`, with numpy/Pillow preprocessing.
 
-Reading: ``tfds.data_source('imagenet2012', split=..., data_dir=...)`` gives random access to
-decoded examples (``{'image': uint8 HxWx3, 'label': int}``) without TensorFlow. The data must
-already be prepared in ``data_dir`` in the ``array_record`` file format.
+Reading: `tfds.data_source('imagenet2012', split=..., data_dir=...)` gives random access to
+decoded examples (`{'image': uint8 HxWx3, 'label': int}`) without TensorFlow. The data must
+already be prepared in `data_dir` in the `array_record` file format.
 
 Preprocessing (standard ResNet recipe, torchvision semantics, Pillow bilinear resampling):
 
 * train: random-resized-crop to 224 (area scale U(0.08, 1), log-uniform aspect ratio in
   [3/4, 4/3], 10 tries then a centre crop) and a horizontal flip with probability 1/2;
 * eval: resize the shorter side to 256, centre crop 224;
-* both: ``pixels / 255`` normalized with the ImageNet mean and std.
+* both: `pixels / 255` normalized with the ImageNet mean and std.
 
-Sharding across hosts (process ``i`` of ``P``):
+Sharding across hosts (process `i` of `P`):
 
-* train: every epoch draws one global permutation of all ``N`` indices from ``(seed, epoch)``
-  (identical on all hosts); host ``i`` takes the strided slice ``perm[i::P]`` truncated to
-  ``N // P`` examples, so shards are disjoint, all hosts run the same number of steps, and the
+* train: every epoch draws one global permutation of all `N` indices from `(seed, epoch)`
+  (identical on all hosts); host `i` takes the strided slice `perm[i::P]` truncated to
+  `N // P` examples, so shards are disjoint, all hosts run the same number of steps, and the
   data a host sees changes from epoch to epoch. Partial batches are dropped.
-* eval: host ``i`` takes ``i::P`` in dataset order; its last batch, and any batches needed to
-  give every host the same number of steps, are padded with ``mask == 0`` examples, so that
-  summing ``mask``-weighted counts over hosts evaluates every example exactly once.
+* eval: host `i` takes `i::P` in dataset order; its last batch, and any batches needed to
+  give every host the same number of steps, are padded with `mask == 0` examples, so that
+  summing `mask`-weighted counts over hosts evaluates every example exactly once.
 
-Every batch is ``{'image': float32 (B, 224, 224, 3), 'label': int32 (B,), 'mask': float32
-(B,)}``. The crop/flip of an example is drawn from a generator seeded by ``(seed, epoch,
-dataset index)``, so the output does not depend on threading, batch size or host count, and an
-epoch restarted at ``start_step`` reproduces the uninterrupted one.
+Every batch is `{'image': float32 (B, 224, 224, 3), 'label': int32 (B,), 'mask': float32
+(B,)}`. The crop/flip of an example is drawn from a generator seeded by `(seed, epoch,
+dataset index)`, so the output does not depend on threading, batch size or host count, and an
+epoch restarted at `start_step` reproduces the uninterrupted one.
 """
 
 from __future__ import annotations
@@ -73,7 +73,7 @@ def random_resized_crop_box(
     ratio: range of the aspect ratio w/h (sampled log-uniformly).
 
   Returns:
-    ``(top, left, crop_height, crop_width)``.
+    `(top, left, crop_height, crop_width)`.
   """
   area = height * width
   log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
@@ -103,12 +103,12 @@ def preprocess_train(
   """Random-resized crop, horizontal flip and normalization of one training image.
 
   Args:
-    image: uint8 ``(H, W, 3)`` (or ``(H, W)`` / ``(H, W, 1)`` grayscale).
+    image: uint8 `(H, W, 3)` (or `(H, W)` / `(H, W, 1)` grayscale).
     rng: the generator for this example.
     image_size: output side.
 
   Returns:
-    float32 ``(image_size, image_size, 3)``, ImageNet-normalized.
+    float32 `(image_size, image_size, 3)`, ImageNet-normalized.
   """
   pil = _to_pil(image)
   top, left, h, w = random_resized_crop_box(pil.height, pil.width, rng)
@@ -122,15 +122,15 @@ def preprocess_train(
 
 
 def preprocess_eval(image: np.ndarray, image_size: int = 224, resize_size: int = 256) -> np.ndarray:
-  """Resize the shorter side to ``resize_size``, centre crop ``image_size``, normalize.
+  """Resize the shorter side to `resize_size`, centre crop `image_size`, normalize.
 
   Args:
-    image: uint8 ``(H, W, 3)`` (or grayscale).
+    image: uint8 `(H, W, 3)` (or grayscale).
     image_size: output side.
     resize_size: target of the shorter side.
 
   Returns:
-    float32 ``(image_size, image_size, 3)``, ImageNet-normalized.
+    float32 `(image_size, image_size, 3)`, ImageNet-normalized.
   """
   pil = _to_pil(image)
   w, h = pil.size
@@ -155,14 +155,14 @@ def shard_indices(
   seed: int = 0,
   epoch: int = 0,
 ) -> np.ndarray:
-  """The dataset indices host ``process_index`` reads in one epoch, in reading order.
+  """The dataset indices host `process_index` reads in one epoch, in reading order.
 
   Args:
-    num_examples: dataset (split) size ``N``.
-    process_index: this host, ``0 <= i < P``.
-    process_count: number of hosts ``P``.
-    train: training sharding (global ``(seed, epoch)`` permutation, strided, truncated to
-      ``N // P``) or evaluation sharding (``i::P`` in dataset order, all of it).
+    num_examples: dataset (split) size `N`.
+    process_index: this host, `0 <= i < P`.
+    process_count: number of hosts `P`.
+    train: training sharding (global `(seed, epoch)` permutation, strided, truncated to
+      `N // P`) or evaluation sharding (`i::P` in dataset order, all of it).
     seed: run seed (train only).
     epoch: epoch (train only).
 
@@ -208,18 +208,18 @@ class ImageNetPipeline:
     Args:
       split: tfds split, e.g. "train", "validation", "train[:1%]".
       batch_size: examples per batch on this host.
-      train: augment, shuffle and drop remainders (default: ``split`` starts with "train").
+      train: augment, shuffle and drop remainders (default: `split` starts with "train").
       seed: run seed (order and augmentation).
       data_dir: tfds data directory (None: tfds default).
       dataset_name: tfds dataset name.
-      process_index: this host (default ``jax.process_index()``).
-      process_count: number of hosts (default ``jax.process_count()``).
+      process_index: this host (default `jax.process_index()`).
+      process_count: number of hosts (default `jax.process_count()`).
       image_size: output side.
       resize_size: eval resize of the shorter side.
       num_threads: threads reading and preprocessing examples (0: in the caller's
         thread). Results do not depend on it.
-      source: an already opened random-access source of ``{'image', 'label'}`` dicts,
-        instead of ``tfds.data_source`` (e.g. for tests).
+      source: an already opened random-access source of `{'image', 'label'}` dicts,
+        instead of `tfds.data_source` (e.g. for tests).
     """
     if process_index is None or process_count is None:
       import jax  # only needed for the defaults; keeps data loading importable without it
@@ -263,7 +263,7 @@ class ImageNetPipeline:
     return -(-largest_shard // b)
 
   def indices(self, epoch: int = 0) -> np.ndarray:
-    """This host's dataset indices for ``epoch``, in reading order (before padding).
+    """This host's dataset indices for `epoch`, in reading order (before padding).
 
     Args:
       epoch: epoch index.
@@ -290,14 +290,14 @@ class ImageNetPipeline:
     return image, int(ex["label"])
 
   def epoch(self, epoch: int, start_step: int = 0) -> Iterator[dict[str, np.ndarray]]:
-    """Batches of one epoch on this host, starting at batch ``start_step``.
+    """Batches of one epoch on this host, starting at batch `start_step`.
 
     Args:
       epoch: epoch index (0-based; selects the order and augmentation when training).
       start_step: first batch to produce (for resuming from a checkpoint).
 
     Returns:
-      An iterator of ``{'image', 'label', 'mask'}`` numpy dicts.
+      An iterator of `{'image', 'label', 'mask'}` numpy dicts.
     """
     steps = self.steps_per_epoch
     if not 0 <= start_step <= steps:
@@ -319,3 +319,33 @@ class ImageNetPipeline:
     finally:
       if pool is not None:
         pool.shutdown(wait=False, cancel_futures=True)
+
+
+def imagenet_test_batches(
+  data_dir: str | os.PathLike[str] | None = None,
+  *,
+  batch_size: int = 100,
+  limit: int | None = None,
+  dataset_name: str = "imagenet2012",
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+  """(images, labels) batches of the validation split (eval preprocessing), at most `limit`.
+
+  Padding examples of the last batch (`mask == 0`) are dropped.
+  """
+  pipe = ImageNetPipeline(
+    "validation",
+    batch_size=batch_size,
+    train=False,
+    data_dir=data_dir or None,
+    dataset_name=dataset_name,
+  )
+  seen = 0
+  for batch in pipe.epoch(0):
+    keep = batch["mask"] > 0 if "mask" in batch else slice(None)
+    xi, yi = batch["image"][keep], batch["label"][keep]
+    if limit is not None:
+      xi, yi = xi[: max(limit - seen, 0)], yi[: max(limit - seen, 0)]
+    if len(xi) == 0:
+      return
+    seen += len(xi)
+    yield np.asarray(xi, np.float32), np.asarray(yi)

@@ -12,9 +12,11 @@ integer arithmetic only in the convolutions and dense layers:
   logits = wide integers * 2^-F
 
 All fixed-point units are powers of two, so moving between them is a shift.
-The per-architecture graphs below mirror `fq_jax.models` operation by
-operation (the tests compare the logits with the float simulation,
-`fq.apply_quantized`, of the same file).
+The per-architecture graphs live beside the networks they mirror
+(`fq_jax.models.integer_graph(name)`, written in the operations of
+`fq_jax.models.graph.IntegerOps`); `_Exec` implements those operations with
+integers and passes itself to the graph. The tests compare the logits with the
+float simulation (`fq.apply_quantized`) of the same file.
 
 Layers the file keeps in float (an unquantized or prune-only kernel) run as
 float convolutions on the dequantized integer input, followed by the same
@@ -25,15 +27,19 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import re
-from collections.abc import Callable, Iterator
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fq_jax.integer import layers as I
+from fq_jax import models
+from fq_jax.codec import load_fqz
+from fq_jax.codec.metadata import ActivationScale, parse_activation_scales
+from fq_jax.integer.activations import activation_range
+from fq_jax.integer.batchnorm import DEFAULT_BN_BITS, bn_affine, float_fold, requant, rounding_shift
+from fq_jax.integer.shift_add_layers import ShiftAddLayer, layer_fold, prepare_layer, shift_add
+from fq_jax.integer.spec import ModelSpec, build_float_model, model_spec
 
 BN_EPSILON = 1e-5  # every batch norm of fq_jax.models
 # Fraction bits of wide (int64) tensors below the finest activation step. With
@@ -42,102 +48,17 @@ BN_EPSILON = 1e-5  # every batch norm of fq_jax.models
 # ~2^-24 per activation, so the integer path reproduces an exact (float64)
 # simulation; a hardware design would keep fewer.
 WIDE_EXTRA_BITS = 24
-MODEL_NAMES = ("digits_cnn", "cifar_resnet", "resnet18", "resnet50", "mobilenet_v1", "mobilenet_v2")
 
-
-# ----------------------------------------------------------------------------
-# What the file describes
-# ----------------------------------------------------------------------------
-
-
-@dataclasses.dataclass(frozen=True)
-class ModelSpec:
-  """Architecture, dataset and quantization settings read from a file.
-
-  Attributes:
-    name: model registry name (see `fq_jax.models.MODEL_NAMES`).
-    kwargs: constructor arguments (num_classes, depth for cifar_resnet, width
-      for MobileNets).
-    dataset: dataset name ("digits", "cifar10", "imagenet2012") or None.
-    activation_bits: activation code width (0: none recorded).
-    activation_scales: {module path: ActivationScale}.
-    bn_bits: integer batch-norm width recorded by training (0: float).
-  """
-
-  name: str
-  kwargs: dict
-  dataset: str | None
-  activation_bits: int
-  activation_scales: dict
-  bn_bits: int
-
-
-def _infer_model_name(paths) -> str | None:
-  p = set(paths)
-  has = lambda s: any(s in x for x in p)  # noqa: E731
-  if has("params/fc1/kernel") and has("params/conv2/kernel"):
-    return "digits_cnn"
-  if has("params/block0/dw_conv"):
-    return "mobilenet_v2" if has("params/conv_last") else "mobilenet_v1"
-  if has("params/stage4_block0"):
-    return "resnet50" if has("/conv3/kernel") else "resnet18"
-  if has("params/stage1_block0/conv1"):
-    return "cifar_resnet"
-  return None
-
-
-def model_spec(decoded) -> ModelSpec:
-  """Reads the architecture and quantization settings of a decoded file.
-
-  Metadata keys: "architecture" or "model" (registry name; train.py's
-  "cifar_resnet-20" label is understood), "num_classes", "depth"
-  (cifar_resnet), "width" (MobileNets), "dataset", "activation_bits",
-  "activation_scales", "bn_bits". A missing model name, class count or depth
-  is inferred from the array paths and shapes.
-
-  Raises:
-    ValueError: (one line) when the architecture cannot be determined.
-  """
-  meta = dict(decoded.metadata or {})
-  paths = list(decoded.arrays)
-  name = meta.get("architecture") or meta.get("model") or _infer_model_name(paths)
-  if isinstance(name, str) and name not in MODEL_NAMES and name.startswith("cifar_resnet-"):
-    # train.py labels CIFAR ResNets "cifar_resnet-<depth>".
-    name, _, depth = name.partition("-")
-    if depth.isdigit():
-      meta.setdefault("depth", int(depth))
-  if name not in MODEL_NAMES:
-    raise ValueError(
-      f"the file's model {name!r} is not one of {', '.join(MODEL_NAMES)}"
-      if name
-      else "the file's metadata names no model and its arrays match none"
-    )
-  head = decoded.arrays.get("params/head/kernel")
-  if head is None:
-    raise ValueError("the file has no params/head/kernel")
-  kwargs: dict[str, Any] = {"num_classes": int(meta.get("num_classes") or head.shape[-1])}
-  if name == "cifar_resnet":
-    blocks = {int(m.group(1)) for x in paths if (m := re.match(r"params/stage1_block(\d+)/", x))}
-    kwargs["depth"] = int(meta.get("depth") or 6 * (max(blocks) + 1) + 2)
-  if name.startswith("mobilenet") and meta.get("width") is not None:
-    kwargs["width"] = float(meta["width"])
-  bits = int(meta.get("activation_bits") or 0)
-  scales = I.parse_activation_scales(meta.get("activation_scales")) if bits else {}
-  return ModelSpec(
-    name=name,
-    kwargs=kwargs,
-    dataset=meta.get("dataset"),
-    activation_bits=bits,
-    activation_scales=scales,
-    bn_bits=int(meta.get("bn_bits") or 0),
-  )
-
-
-def build_float_model(spec: ModelSpec):
-  """The Flax module of `spec`."""
-  from fq_jax import models
-
-  return models.get_model(spec.name, **spec.kwargs)
+__all__ = [
+  "BN_EPSILON",
+  "WIDE_EXTRA_BITS",
+  "IntegerModel",
+  "ModelSpec",
+  "build_float_model",
+  "count_integer_ops",
+  "load_integer_model",
+  "model_spec",
+]
 
 
 # ----------------------------------------------------------------------------
@@ -177,6 +98,21 @@ class FloatLayer:
     return (k != 0).sum(axis=0).astype(np.int64)
 
 
+def _check_input_channels(layer, shape) -> None:
+  """Raises ValueError when a kernel cannot read an input of `shape` (a file/graph mismatch).
+
+  Without this check a wrong channel count would not fail: the tap lists gather input rows
+  by index, and an out-of-range gather clips silently.
+  """
+  kernel_shape = layer.kernel_shape if isinstance(layer, ShiftAddLayer) else layer.kernel.shape
+  reads = kernel_shape[-2] * layer.groups if layer.kind == "conv" else kernel_shape[0]
+  if shape[-1] != reads:
+    raise ValueError(
+      f"{layer.path}: its kernel {tuple(kernel_shape)} reads {reads} input channels, but the "
+      f"{len(shape)}-d input has {shape[-1]} (the file does not match its model's structure)"
+    )
+
+
 class _Counter:
   """Per-layer and per-operation counts, accumulated while tracing."""
 
@@ -212,14 +148,14 @@ class _Exec:
   def codes(self, x, path: str):
     """The `bits`-bit input codes of layer `path` (and its exponent)."""
     act = self.m.scale(path)
-    lo, hi = I.activation_range(self.m.activation_bits, act.signed)
+    lo, hi = activation_range(self.m.activation_bits, act.signed)
     if isinstance(x, FloatIn):
       v = jnp.floor(jnp.ldexp(jnp.asarray(x.x, jnp.float32), -act.exponent) + 0.5)
       codes = jnp.clip(v, lo, hi).astype(jnp.int32)
       self.count.op("quantize input (float to int)", elements=x.x.size, compares=2 * x.x.size)
       return codes, act.exponent
     shift = act.exponent - x.exp
-    v = I.rounding_shift(jnp.asarray(x.v), shift)
+    v = rounding_shift(jnp.asarray(x.v), shift)
     codes = jnp.clip(v, lo, hi).astype(jnp.int32)
     n = int(np.prod(x.v.shape))
     self.count.op(
@@ -246,22 +182,23 @@ class _Exec:
     beta = a[f"params/{bn}/bias"]
     mean = a[f"batch_stats/{bn}/mean"]
     var = a[f"batch_stats/{bn}/var"]
-    return I.bn_affine(gamma, beta, mean, var, BN_EPSILON, xp=np)
+    return bn_affine(gamma, beta, mean, var, BN_EPSILON, xp=np)
 
   def layer(self, path, x, bn=None, *, kind="conv", stride=1, pad=0, groups=1):
     strides = (stride, stride)
     padding = ((pad, pad), (pad, pad))
     layer = self.m.layer(path, kind, strides, padding, groups)
     codes, ex = self.codes(x, path)
-    cout = layer.kernel_shape[-1] if isinstance(layer, I.ShiftAddLayer) else layer.kernel.shape[-1]
+    _check_input_channels(layer, codes.shape)
+    cout = layer.kernel_shape[-1] if isinstance(layer, ShiftAddLayer) else layer.kernel.shape[-1]
     g, h = self._affine(bn, path, cout)
     bits = self.m.bn_bits_used
-    if isinstance(layer, I.ShiftAddLayer):
-      max_code = max(abs(v) for v in I.activation_range(self.m.activation_bits, True)) * 2
+    if isinstance(layer, ShiftAddLayer):
+      max_code = max(abs(v) for v in activation_range(self.m.activation_bits, True)) * 2
       wide = layer.accumulator_bound(max_code) >= 2**31
-      a, m = I.shift_add(layer, codes, acc_dtype=jnp.int64 if wide else jnp.int32)
-      fold = I.layer_fold(layer, g, h, input_exponent=ex, bits=bits)
-      y = I.requant(a, m, fold, -self.m.wide_bits, recentralized=layer.recentralized)
+      a, m = shift_add(layer, codes, acc_dtype=jnp.int64 if wide else jnp.int32)
+      fold = layer_fold(layer, g, h, input_exponent=ex, bits=bits)
+      y = requant(a, m, fold, -self.m.wide_bits, recentralized=layer.recentralized)
       self._count_shift_add(layer, a.shape, bn)
     else:
       # A layer the file keeps in float: float64 multiply-accumulates on the
@@ -281,7 +218,7 @@ class _Exec:
       else:
         z = xf @ w
       if bn is not None:
-        qa, qc = I.float_fold(g, h, bits)
+        qa, qc = float_fold(g, h, bits)
         z = qa.astype(np.float64) * z + qc.astype(np.float64)
       else:
         z = z + np.asarray(h, np.float64)
@@ -351,7 +288,7 @@ class _Exec:
 
   # -- counting --------------------------------------------------------------
 
-  def _count_shift_add(self, layer: I.ShiftAddLayer, out_shape, bn):
+  def _count_shift_add(self, layer: ShiftAddLayer, out_shape, bn):
     p = int(np.prod(out_shape[:-1]))
     cout = layer.out_features
     k_in = int(np.prod(layer.kernel_shape[:-1]))
@@ -406,104 +343,6 @@ class _Exec:
 
 
 # ----------------------------------------------------------------------------
-# Graphs (mirroring fq_jax.models)
-# ----------------------------------------------------------------------------
-
-
-def _digits_graph(g: _Exec, x, spec: ModelSpec):
-  x = g.relu(g.conv("conv1", x, "bn1", pad=1))
-  x = g.relu(g.conv("conv2", x, "bn2", pad=1))
-  x = g.flatten(g.max_pool(x, 2, 2))
-  x = g.relu(g.dense("fc1", x, "bn3"))
-  return g.dense("head", x)
-
-
-def _cifar_resnet_graph(g: _Exec, x, spec: ModelSpec):
-  from fq_jax.models.cifar_resnet import cifar_resnet_blocks_per_stage
-
-  n = cifar_resnet_blocks_per_stage(spec.kwargs.get("depth", 20))
-  x = g.relu(g.conv("conv_init", x, "bn_init", pad=1))
-  channels = 16
-  for stage, planes in enumerate((16, 32, 64), start=1):
-    for block in range(n):
-      stride = 2 if (stage > 1 and block == 0) else 1
-      p = f"stage{stage}_block{block}"
-      y = g.relu(g.conv(f"{p}/conv1", x, f"{p}/bn1", stride=stride, pad=1))
-      y = g.conv(f"{p}/conv2", y, f"{p}/bn2", pad=1)
-      shortcut = x if (stride == 1 and channels == planes) else g.option_a(x, stride, planes)
-      x = g.relu(g.add(y, shortcut))
-      channels = planes
-  return g.dense("head", g.mean_hw(x))
-
-
-def _resnet_graph(g: _Exec, x, spec: ModelSpec):
-  bottleneck = spec.name == "resnet50"
-  stages = (3, 4, 6, 3) if bottleneck else (2, 2, 2, 2)
-  x = g.relu(g.conv("conv_init", x, "bn_init", stride=2, pad=3))
-  x = g.max_pool(x, 3, 2, 1)
-  for s, blocks in enumerate(stages, start=1):
-    for b in range(blocks):
-      stride = 2 if (s > 1 and b == 0) else 1
-      p = f"stage{s}_block{b}"
-      if bottleneck:
-        y = g.relu(g.conv(f"{p}/conv1", x, f"{p}/bn1"))
-        y = g.relu(g.conv(f"{p}/conv2", y, f"{p}/bn2", stride=stride, pad=1))
-        y = g.conv(f"{p}/conv3", y, f"{p}/bn3")
-      else:
-        y = g.relu(g.conv(f"{p}/conv1", x, f"{p}/bn1", stride=stride, pad=1))
-        y = g.conv(f"{p}/conv2", y, f"{p}/bn2", pad=1)
-      if f"params/{p}/downsample_conv/kernel" in g.m.arrays:
-        x = g.conv(f"{p}/downsample_conv", x, f"{p}/downsample_bn", stride=stride)
-      x = g.relu(g.add(y, x))
-  return g.dense("head", g.mean_hw(x))
-
-
-def _mobilenet_v1_graph(g: _Exec, x, spec: ModelSpec):
-  from fq_jax.models.imagenet import _MOBILENET_V1_BLOCKS
-
-  x = g.relu(g.conv("conv_init", x, "bn_init", stride=2, pad=1))
-  for i, (_, stride) in enumerate(_MOBILENET_V1_BLOCKS):
-    c = g.m.arrays[f"params/block{i}/dw_conv/kernel"].shape[-1]
-    x = g.relu(g.conv(f"block{i}/dw_conv", x, f"block{i}/dw_bn", stride=stride, pad=1, groups=c))
-    x = g.relu(g.conv(f"block{i}/pw_conv", x, f"block{i}/pw_bn"))
-  return g.dense("head", g.mean_hw(x))
-
-
-def _mobilenet_v2_graph(g: _Exec, x, spec: ModelSpec):
-  from fq_jax.models.imagenet import _MOBILENET_V2_SETTINGS
-
-  x = g.relu6(g.conv("conv_init", x, "bn_init", stride=2, pad=1))
-  channels = g.m.arrays["params/conv_init/kernel"].shape[-1]
-  i = 0
-  for _, _, n, s in _MOBILENET_V2_SETTINGS:
-    for r in range(n):
-      stride = s if r == 0 else 1
-      p = f"block{i}"
-      y = x
-      if f"params/{p}/expand_conv/kernel" in g.m.arrays:
-        y = g.relu6(g.conv(f"{p}/expand_conv", y, f"{p}/expand_bn"))
-      hidden = g.m.arrays[f"params/{p}/dw_conv/kernel"].shape[-1]
-      y = g.relu6(g.conv(f"{p}/dw_conv", y, f"{p}/dw_bn", stride=stride, pad=1, groups=hidden))
-      y = g.conv(f"{p}/project_conv", y, f"{p}/project_bn")
-      out = g.m.arrays[f"params/{p}/project_conv/kernel"].shape[-1]
-      x = g.add(y, x) if (stride == 1 and channels == out) else y
-      channels = out
-      i += 1
-  x = g.relu6(g.conv("conv_last", x, "bn_last"))
-  return g.dense("head", g.mean_hw(x))
-
-
-GRAPHS: dict[str, Callable] = {
-  "digits_cnn": _digits_graph,
-  "cifar_resnet": _cifar_resnet_graph,
-  "resnet18": _resnet_graph,
-  "resnet50": _resnet_graph,
-  "mobilenet_v1": _mobilenet_v1_graph,
-  "mobilenet_v2": _mobilenet_v2_graph,
-}
-
-
-# ----------------------------------------------------------------------------
 # The integer model
 # ----------------------------------------------------------------------------
 
@@ -526,6 +365,7 @@ class IntegerModel:
 
   Attributes:
     spec: the `ModelSpec`.
+    module: the Flax module of the file's model (its structure; no weights).
     wide_bits: F, the fraction bits of wide tensors (unit 2^-F).
   """
 
@@ -545,7 +385,7 @@ class IntegerModel:
       activation_bits if activation_bits is not None else self.spec.activation_bits
     )
     scales = (
-      I.parse_activation_scales(activation_scales)
+      parse_activation_scales(activation_scales)
       if activation_scales is not None
       else self.spec.activation_scales
     )
@@ -555,16 +395,19 @@ class IntegerModel:
         "or pass activation_bits and activation_scales)"
       )
     self.scales = scales
-    self.bn_bits_used = int(bn_bits or self.spec.bn_bits or I.DEFAULT_BN_BITS)
+    self.bn_bits_used = int(bn_bits or self.spec.bn_bits or DEFAULT_BN_BITS)
     self.arrays = decoded.arrays
     self.wide_bits = int(wide_extra_bits) - min(s.exponent for s in scales.values())
     self._layers: dict[tuple, Any] = {}
-    self._graph = GRAPHS[self.spec.name]
+    # The graph (beside the network in fq_jax.models) walks the structure of the module:
+    # its block counts, widths and depth.
+    self.module = build_float_model(self.spec)
+    self._graph = models.integer_graph(self.spec.name)
     self.check_overflow = check_overflow
     self._overflow_flags: list = []
     self._fn = None
 
-  def scale(self, path: str) -> I.ActivationScale:
+  def scale(self, path: str) -> ActivationScale:
     try:
       return self.scales[path]
     except KeyError:
@@ -578,7 +421,7 @@ class IntegerModel:
         raise ValueError(f"the file has no {kpath}")
       focus = self.decoded.focus
       if kpath in focus:
-        self._layers[key] = I.prepare_layer(
+        self._layers[key] = prepare_layer(
           self.decoded.symbols[kpath],
           focus[kpath],
           path=path,
@@ -601,7 +444,7 @@ class IntegerModel:
   def _run(self, images):
     ex = _Exec(self)
     self._overflow_flags = []
-    out = self._graph(ex, FloatIn(images), self.spec)
+    out = self._graph(ex, FloatIn(images), self.module)
     flags = {p: f for p, f in self._overflow_flags}
     return out.v.astype(jnp.int64), out.exp, flags
 
@@ -640,7 +483,8 @@ class IntegerModel:
     with jax.enable_x64(True):
       ex = _Exec(self)
       jax.eval_shape(
-        lambda x: self._graph(ex, FloatIn(x), self.spec).v, jax.ShapeDtypeStruct(shape, jnp.float32)
+        lambda x: self._graph(ex, FloatIn(x), self.module).v,
+        jax.ShapeDtypeStruct(shape, jnp.float32),
       )
     return _summarize(ex.count, shape, self)
 
@@ -682,8 +526,6 @@ def _summarize(count: _Counter, shape, model: IntegerModel) -> dict:
 
 def load_integer_model(path_or_decoded, **kwargs) -> IntegerModel:
   """`IntegerModel` of an .fqz file path or a `DecodedModel`."""
-  from fq_jax.codec import load_fqz
-
   decoded = (
     load_fqz(path_or_decoded)
     if isinstance(path_or_decoded, (str, os.PathLike))
@@ -719,158 +561,3 @@ def count_integer_ops(decoded_model, input_shape, **kwargs) -> dict:
     else load_integer_model(decoded_model, **kwargs)
   )
   return model.count_ops(input_shape)
-
-
-# ----------------------------------------------------------------------------
-# Evaluation from a file
-# ----------------------------------------------------------------------------
-
-
-def float_logits_fn(decoded, *, simulate: bool = True, dtype=None):
-  """A jitted images -> logits of the file's float (fake-quantized) model.
-
-  With `simulate`, the activation and batch-norm quantization recorded in the
-  file are simulated (`fq.apply_quantized`); otherwise the plain model with
-  the decoded (quantized) weights. `dtype=jnp.float64` (call it inside
-  `jax.enable_x64(True)`) gives an exact reference of the integer path.
-  """
-  spec = model_spec(decoded)
-  model = build_float_model(
-    dataclasses.replace(spec, kwargs={**spec.kwargs, "dtype": dtype}) if dtype is not None else spec
-  )
-  tree = decoded.tree()
-  variables = {k: tree[k] for k in ("params", "batch_stats") if k in tree}
-  focus = None
-  if simulate and spec.bn_bits:  # exact weight parts from the stored symbols
-    focus = {
-      k: I.weight_parts_from_symbols(decoded.symbols[k], st) for k, st in decoded.focus.items()
-    }
-
-  @jax.jit
-  def fn(variables, x):
-    if not simulate:
-      return model.apply(variables, x, train=False)
-    return I.apply_quantized(
-      model,
-      variables,
-      x,
-      train=False,
-      activation_bits=spec.activation_bits,
-      activation_scales=spec.activation_scales,
-      bn_bits=spec.bn_bits,
-      focus=focus,
-    )
-
-  return lambda x: np.asarray(fn(variables, jnp.asarray(x, dtype or jnp.float32)))
-
-
-def test_batches(
-  dataset: str, *, data_dir: str | None = None, limit: int | None = None, batch_size: int = 100
-) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-  """(images, labels) batches of a dataset's test split, at most `limit` examples."""
-  from fq_jax import data as data_lib
-
-  if dataset == "digits":
-    x, y = data_lib.load_digits().test
-  elif dataset == "cifar10":
-    path = None
-    if data_dir:
-      path = os.path.join(data_dir, "cifar10-jpeg.tar.gz") if os.path.isdir(data_dir) else data_dir
-    x, y = data_lib.load_cifar10(path).test
-  elif dataset == "imagenet2012":
-    pipe = data_lib.ImageNetPipeline(
-      "validation",
-      batch_size=batch_size,
-      train=False,
-      data_dir=data_dir or None,
-      dataset_name=dataset,
-    )
-    seen = 0
-    for batch in pipe.epoch(0):
-      keep = batch["mask"] > 0 if "mask" in batch else slice(None)
-      xi, yi = batch["image"][keep], batch["label"][keep]
-      if limit is not None:
-        xi, yi = xi[: max(limit - seen, 0)], yi[: max(limit - seen, 0)]
-      if len(xi) == 0:
-        return
-      seen += len(xi)
-      yield np.asarray(xi, np.float32), np.asarray(yi)
-    return
-  else:
-    raise ValueError(f"unknown dataset {dataset!r} (digits, cifar10, imagenet2012)")
-  if limit is not None:
-    x, y = x[:limit], y[:limit]
-  for i in range(0, len(x), batch_size):
-    yield x[i : i + batch_size], y[i : i + batch_size]
-
-
-def evaluate_fqz(
-  path_or_decoded,
-  *,
-  integer: bool = True,
-  data_dir: str | None = None,
-  limit: int | None = None,
-  batch_size: int | None = None,
-  dataset: str | None = None,
-  bn_bits: int | None = None,
-  progress: Callable[[int], None] | None = None,
-) -> dict:
-  """Top-1 accuracy of an .fqz model on its dataset's test split.
-
-  Args:
-    path_or_decoded: the file (or its `DecodedModel`).
-    integer: run the integer path (`IntegerModel`); False runs the float
-      model with the file's activation / batch-norm quantization simulated.
-    data_dir: dataset location (cifar10: folder of cifar10-jpeg.tar.gz or the
-      archive itself; imagenet2012: tfds data_dir).
-    limit: evaluate on the first `limit` test examples only.
-    batch_size: default 100 (integer) or 500 (float).
-    dataset: override the file's dataset name.
-    bn_bits: integer path's batch-norm width (default: the file's, else 16).
-    progress: called with the number of examples done after each batch.
-
-  Returns:
-    {"accuracy", "correct", "count", "path": "integer"|"float", "model",
-    "dataset", "activation_bits", "bn_bits", "seconds"}.
-  """
-  import time
-
-  from fq_jax.codec import load_fqz
-
-  decoded = (
-    load_fqz(path_or_decoded)
-    if isinstance(path_or_decoded, (str, os.PathLike))
-    else path_or_decoded
-  )
-  spec = model_spec(decoded)
-  ds = dataset or spec.dataset
-  if not ds:
-    raise ValueError("the file's metadata names no dataset (pass one)")
-  if integer:
-    model = IntegerModel(decoded, bn_bits=bn_bits)
-    fn = model
-    bs = batch_size or 100
-  else:
-    fn = float_logits_fn(decoded)
-    bs = batch_size or 500
-  correct = count = 0
-  t0 = time.perf_counter()
-  for x, y in test_batches(ds, data_dir=data_dir, limit=limit, batch_size=bs):
-    pred = np.argmax(fn(x), axis=-1)
-    correct += int(np.sum(pred == np.asarray(y)))
-    count += len(y)
-    if progress is not None:
-      progress(count)
-  if count == 0:
-    raise ValueError("no test examples")
-  return {
-    "accuracy": correct / count,
-    "correct": correct,
-    "count": count,
-    "path": "integer" if integer else "float",
-    "model": spec.name,
-    "dataset": ds,
-    "activation_bits": spec.activation_bits,
-    "bn_bits": (model.bn_bits_used if integer else spec.bn_bits),
-    "seconds": time.perf_counter() - t0,
-  }

@@ -13,12 +13,14 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from fq_jax.models.graph import IntegerOps
+
 
 class DigitsCNN(nn.Module):
   """conv3x3(32)-BN-ReLU, conv3x3(64)-BN-ReLU, maxpool 2, dense(48)-BN-ReLU, dense(classes).
 
-  Parameter paths: ``conv1/kernel``, ``bn1/scale``, ``conv2/kernel``, ``fc1/kernel``,
-  ``head/kernel`` and so on.
+  Parameter paths: `conv1/kernel`, `bn1/scale`, `conv2/kernel`, `fc1/kernel`,
+  `head/kernel` and so on.
 
   Attributes:
     num_classes: output size (10 digits).
@@ -33,11 +35,11 @@ class DigitsCNN(nn.Module):
     """Computes logits.
 
     Args:
-      x: ``(batch, 8, 8, 1)`` images in [0, 1] (see :mod:`fq_jax.data.digits`).
+      x: `(batch, 8, 8, 1)` images in [0, 1] (see `fq_jax.data.digits`).
       train: batch statistics (True) or running averages (False) in BatchNorm.
 
     Returns:
-      float32 logits ``(batch, num_classes)``.
+      float32 logits `(batch, num_classes)`.
     """
     bn = lambda name: nn.BatchNorm(  # noqa: E731 - local shorthand
       use_running_average=not train, momentum=0.9, epsilon=1e-5, dtype=self.dtype, name=name
@@ -54,3 +56,13 @@ class DigitsCNN(nn.Module):
     x = nn.relu(bn("bn3")(x))
     x = nn.Dense(self.num_classes, dtype=self.dtype, name="head")(x)
     return jnp.asarray(x, jnp.float32)
+
+
+def digits_integer_graph(ops: IntegerOps, x, model: DigitsCNN):
+  """`DigitsCNN` written in `ops` (see `fq_jax.models.graph`): the integer path's graph."""
+  del model  # one fixed architecture (num_classes only changes the head's kernel)
+  x = ops.relu(ops.conv("conv1", x, "bn1", pad=1))
+  x = ops.relu(ops.conv("conv2", x, "bn2", pad=1))
+  x = ops.flatten(ops.max_pool(x, 2, 2))
+  x = ops.relu(ops.dense("fc1", x, "bn3"))
+  return ops.dense("head", x)

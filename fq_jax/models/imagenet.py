@@ -3,16 +3,16 @@
 The architectures follow the standard reference definitions so that parameter counts match
 (torchvision ResNet-18 11,689,512 and ResNet-50 25,557,032 (v1.5: stride on the 3x3 conv of
 the bottleneck); MobileNet-V1 (Howard et al. 2017) 4,231,976; torchvision MobileNet-V2
-3,504,872). All convolutions use explicit symmetric padding ``k // 2`` as in PyTorch, not
+3,504,872). All convolutions use explicit symmetric padding `k // 2` as in PyTorch, not
 Flax's 'SAME', whose stride-2 padding is asymmetric.
 
-Every model takes ``dtype`` for the computation (e.g. ``jnp.bfloat16``); parameters and batch
+Every model takes `dtype` for the computation (e.g. `jnp.bfloat16`); parameters and batch
 statistics stay float32 and logits are returned as float32 so that losses are computed in full
 precision.
 
 Dropout: the reference MobileNets apply dropout before the classifier (V1: 1e-3 in Keras,
-V2: 0.2 in torchvision). It is exposed as ``dropout_rate`` with default 0.0 so that models can
-be applied without a ``'dropout'`` RNG; pass ``rngs={'dropout': key}`` when setting it > 0.
+V2: 0.2 in torchvision). It is exposed as `dropout_rate` with default 0.0 so that models can
+be applied without a `'dropout'` RNG; pass `rngs={'dropout': key}` when setting it > 0.
 """
 
 from __future__ import annotations
@@ -24,8 +24,17 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from fq_jax.models.graph import IntegerOps
+
 BN_EPSILON = 1e-5
 BN_MOMENTUM = 0.9  # PyTorch momentum 0.1 on the new statistic
+
+# The block tables below are read by both the Flax networks and their integer graphs.
+RESNET_STEM = 64
+# Width (planes) of the four ResNet stages; a block outputs planes * block_cls.expansion.
+RESNET_STAGE_PLANES: tuple[int, ...] = (64, 128, 256, 512)
+MOBILENET_STEM = 32  # conv_init channels of both MobileNets at width 1
+MOBILENET_V2_LAST = 1280  # conv_last channels of MobileNet-V2 at width <= 1
 
 # torchvision initializes convolutions with kaiming_normal_(mode='fan_out', relu gain).
 _conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
@@ -88,7 +97,7 @@ class BasicBlock(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-    """Applies the block to NHWC ``x``; returns NHWC with ``planes`` channels."""
+    """Applies the block to NHWC `x`; returns NHWC with `planes` channels."""
     y = _conv(self.planes, 3, self.stride, "conv1", self.dtype)(x)
     y = nn.relu(_bn(train, "bn1", self.dtype)(y))
     y = _conv(self.planes, 3, 1, "conv2", self.dtype)(y)
@@ -100,7 +109,7 @@ class Bottleneck(nn.Module):
   """ResNet v1.5 bottleneck (1x1, 3x3 with stride, 1x1), expansion 4.
 
   Attributes:
-    planes: width of the 3x3 conv; the output has ``4 * planes`` channels.
+    planes: width of the 3x3 conv; the output has `4 * planes` channels.
     stride: stride of the 3x3 conv and of the projection shortcut.
     zero_init_residual: initialize the last BN scale to zero.
     dtype: computation dtype.
@@ -115,7 +124,7 @@ class Bottleneck(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-    """Applies the block to NHWC ``x``; returns NHWC with ``4 * planes`` channels."""
+    """Applies the block to NHWC `x`; returns NHWC with `4 * planes` channels."""
     out = self.planes * self.expansion
     y = _conv(self.planes, 1, 1, "conv1", self.dtype)(x)
     y = nn.relu(_bn(train, "bn1", self.dtype)(y))
@@ -138,12 +147,12 @@ def _shortcut(x: jax.Array, features: int, stride: int, train: bool, dtype: Any)
 class ResNet(nn.Module):
   """ImageNet ResNet (torchvision layout).
 
-  Parameter paths: ``conv_init``, ``bn_init``, ``stage{1..4}_block{b}/{conv,bn}{1,2,3}``,
-  ``stage{s}_block0/downsample_{conv,bn}``, ``head``.
+  Parameter paths: `conv_init`, `bn_init`, `stage{1..4}_block{b}/{conv,bn}{1,2,3}`,
+  `stage{s}_block0/downsample_{conv,bn}`, `head`.
 
   Attributes:
-    stage_sizes: blocks per stage, e.g. ``(2, 2, 2, 2)`` for ResNet-18.
-    block_cls: :class:`BasicBlock` or :class:`Bottleneck`.
+    stage_sizes: blocks per stage, e.g. `(2, 2, 2, 2)` for ResNet-18.
+    block_cls: `BasicBlock` or `Bottleneck`.
     num_classes: classifier size.
     zero_init_residual: zero-initialize the last BN scale of every block.
     dtype: computation dtype.
@@ -164,15 +173,15 @@ class ResNet(nn.Module):
       train: batch statistics (True) or running averages (False) in BatchNorm.
 
     Returns:
-      float32 logits ``(batch, num_classes)``.
+      float32 logits `(batch, num_classes)`.
     """
     x = jnp.asarray(x, self.dtype)
-    x = _conv(64, 7, 2, "conv_init", self.dtype)(x)
+    x = _conv(RESNET_STEM, 7, 2, "conv_init", self.dtype)(x)
     x = nn.relu(_bn(train, "bn_init", self.dtype)(x))
     # max_pool pads with -inf, matching PyTorch's MaxPool2d(3, 2, padding=1).
     x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
     for s, (num_blocks, planes) in enumerate(
-      zip(self.stage_sizes, (64, 128, 256, 512), strict=True), start=1
+      zip(self.stage_sizes, RESNET_STAGE_PLANES, strict=True), start=1
     ):
       for b in range(num_blocks):
         stride = 2 if (s > 1 and b == 0) else 1
@@ -194,7 +203,7 @@ def resnet18(num_classes: int = 1000, dtype: Any = jnp.float32, **kwargs: Any) -
   Args:
     num_classes: classifier size.
     dtype: computation dtype.
-    **kwargs: other :class:`ResNet` attributes (e.g. ``zero_init_residual``).
+    **kwargs: other `ResNet` attributes (e.g. `zero_init_residual`).
 
   Returns:
     The (unbound) module.
@@ -208,7 +217,7 @@ def resnet50(num_classes: int = 1000, dtype: Any = jnp.float32, **kwargs: Any) -
   Args:
     num_classes: classifier size.
     dtype: computation dtype.
-    **kwargs: other :class:`ResNet` attributes.
+    **kwargs: other `ResNet` attributes.
 
   Returns:
     The (unbound) module.
@@ -222,7 +231,7 @@ def resnet50(num_classes: int = 1000, dtype: Any = jnp.float32, **kwargs: Any) -
 
 
 def _make_divisible(v: float, divisor: int = 8) -> int:
-  """Rounds channel counts as the MobileNet-V2 reference does (never below 90% of ``v``)."""
+  """Rounds channel counts as the MobileNet-V2 reference does (never below 90% of `v`)."""
   new_v = max(divisor, int(v + divisor / 2) // divisor * divisor)
   if new_v < 0.9 * v:
     new_v += divisor
@@ -230,21 +239,21 @@ def _make_divisible(v: float, divisor: int = 8) -> int:
 
 
 # (output channels, stride) of the 13 depthwise-separable blocks of MobileNet-V1.
-_MOBILENET_V1_BLOCKS: tuple[tuple[int, int], ...] = (
-    (64, 1), (128, 2), (128, 1), (256, 2), (256, 1), (512, 2),
-    (512, 1), (512, 1), (512, 1), (512, 1), (512, 1), (1024, 2), (1024, 1),
+MOBILENET_V1_BLOCKS: tuple[tuple[int, int], ...] = (
+  (64, 1), (128, 2), (128, 1), (256, 2), (256, 1), (512, 2),
+  (512, 1), (512, 1), (512, 1), (512, 1), (512, 1), (1024, 2), (1024, 1),
 )  # fmt: skip
 
 
 class MobileNetV1(nn.Module):
   """MobileNet-V1 (Howard et al. 2017).
 
-  Parameter paths: ``conv_init``, ``bn_init``, ``block{i}/{dw_conv,dw_bn,pw_conv,pw_bn}``
-  for i in 0..12, ``head``.
+  Parameter paths: `conv_init`, `bn_init`, `block{i}/{dw_conv,dw_bn,pw_conv,pw_bn}`
+  for i in 0..12, `head`.
 
   Attributes:
     num_classes: classifier size.
-    width: width multiplier alpha (channels ``int(c * alpha)``).
+    width: width multiplier alpha (channels `int(c * alpha)`).
     dropout_rate: dropout before the classifier (reference: 1e-3); needs a 'dropout' RNG
       in training when > 0.
     dtype: computation dtype.
@@ -264,12 +273,12 @@ class MobileNetV1(nn.Module):
       train: batch statistics in BatchNorm and active dropout when True.
 
     Returns:
-      float32 logits ``(batch, num_classes)``.
+      float32 logits `(batch, num_classes)`.
     """
     x = jnp.asarray(x, self.dtype)
-    x = _conv(int(32 * self.width), 3, 2, "conv_init", self.dtype)(x)
+    x = _conv(int(MOBILENET_STEM * self.width), 3, 2, "conv_init", self.dtype)(x)
     x = nn.relu(_bn(train, "bn_init", self.dtype)(x))
-    for i, (channels, stride) in enumerate(_MOBILENET_V1_BLOCKS):
+    for i, (channels, stride) in enumerate(MOBILENET_V1_BLOCKS):
       x = _SeparableBlock(int(channels * self.width), stride, dtype=self.dtype, name=f"block{i}")(
         x, train
       )
@@ -296,9 +305,9 @@ class _SeparableBlock(nn.Module):
 
 
 # (expansion t, output channels c, repeats n, first stride s) of MobileNet-V2.
-_MOBILENET_V2_SETTINGS: tuple[tuple[int, int, int, int], ...] = (
-    (1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2),
-    (6, 96, 3, 1), (6, 160, 3, 2), (6, 320, 1, 1),
+MOBILENET_V2_SETTINGS: tuple[tuple[int, int, int, int], ...] = (
+  (1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2),
+  (6, 96, 3, 1), (6, 160, 3, 2), (6, 320, 1, 1),
 )  # fmt: skip
 
 
@@ -330,9 +339,9 @@ class _InvertedResidual(nn.Module):
 class MobileNetV2(nn.Module):
   """MobileNet-V2 (Sandler et al. 2018), torchvision layout.
 
-  Parameter paths: ``conv_init``, ``bn_init``,
-  ``block{i}/{expand_conv,expand_bn,dw_conv,dw_bn,project_conv,project_bn}`` for i in
-  0..16 (block0 has no expand layer), ``conv_last``, ``bn_last``, ``head``.
+  Parameter paths: `conv_init`, `bn_init`,
+  `block{i}/{expand_conv,expand_bn,dw_conv,dw_bn,project_conv,project_bn}` for i in
+  0..16 (block0 has no expand layer), `conv_last`, `bn_last`, `head`.
 
   Attributes:
     num_classes: classifier size.
@@ -356,19 +365,19 @@ class MobileNetV2(nn.Module):
       train: batch statistics in BatchNorm and active dropout when True.
 
     Returns:
-      float32 logits ``(batch, num_classes)``.
+      float32 logits `(batch, num_classes)`.
     """
     x = jnp.asarray(x, self.dtype)
-    x = _conv(_make_divisible(32 * self.width), 3, 2, "conv_init", self.dtype)(x)
+    x = _conv(_make_divisible(MOBILENET_STEM * self.width), 3, 2, "conv_init", self.dtype)(x)
     x = nn.relu6(_bn(train, "bn_init", self.dtype)(x))
     i = 0
-    for t, c, n, s in _MOBILENET_V2_SETTINGS:
+    for t, c, n, s in MOBILENET_V2_SETTINGS:
       for r in range(n):
         x = _InvertedResidual(
           _make_divisible(c * self.width), s if r == 0 else 1, t, dtype=self.dtype, name=f"block{i}"
         )(x, train)
         i += 1
-    last = _make_divisible(1280 * max(1.0, self.width))
+    last = _make_divisible(MOBILENET_V2_LAST * max(1.0, self.width))
     x = _conv(last, 1, 1, "conv_last", self.dtype)(x)
     x = nn.relu6(_bn(train, "bn_last", self.dtype)(x))
     x = jnp.mean(x, axis=(1, 2))
@@ -388,7 +397,7 @@ def mobilenet_v1(num_classes: int = 1000, dtype: Any = jnp.float32, **kwargs: An
   Args:
     num_classes: classifier size.
     dtype: computation dtype.
-    **kwargs: other :class:`MobileNetV1` attributes (``width``, ``dropout_rate``).
+    **kwargs: other `MobileNetV1` attributes (`width`, `dropout_rate`).
 
   Returns:
     The (unbound) module.
@@ -402,9 +411,76 @@ def mobilenet_v2(num_classes: int = 1000, dtype: Any = jnp.float32, **kwargs: An
   Args:
     num_classes: classifier size.
     dtype: computation dtype.
-    **kwargs: other :class:`MobileNetV2` attributes (``width``, ``dropout_rate``).
+    **kwargs: other `MobileNetV2` attributes (`width`, `dropout_rate`).
 
   Returns:
     The (unbound) module.
   """
   return MobileNetV2(num_classes=num_classes, dtype=dtype, **kwargs)
+
+
+# --------------------------------------------------------------------------------------------
+# Integer graphs (see fq_jax.models.graph): the same networks written in `ops`
+# --------------------------------------------------------------------------------------------
+
+
+def resnet_integer_graph(ops: IntegerOps, x, model: ResNet):
+  """`ResNet` (basic or bottleneck blocks) written in `ops`: the integer path's graph."""
+  bottleneck = model.block_cls is Bottleneck
+  x = ops.relu(ops.conv("conv_init", x, "bn_init", stride=2, pad=3))
+  x = ops.max_pool(x, 3, 2, 1)
+  channels = RESNET_STEM
+  for s, (num_blocks, planes) in enumerate(
+    zip(model.stage_sizes, RESNET_STAGE_PLANES, strict=True), start=1
+  ):
+    out = planes * model.block_cls.expansion
+    for b in range(num_blocks):
+      stride = 2 if (s > 1 and b == 0) else 1
+      p = f"stage{s}_block{b}"
+      if bottleneck:
+        y = ops.relu(ops.conv(f"{p}/conv1", x, f"{p}/bn1"))
+        y = ops.relu(ops.conv(f"{p}/conv2", y, f"{p}/bn2", stride=stride, pad=1))
+        y = ops.conv(f"{p}/conv3", y, f"{p}/bn3")
+      else:
+        y = ops.relu(ops.conv(f"{p}/conv1", x, f"{p}/bn1", stride=stride, pad=1))
+        y = ops.conv(f"{p}/conv2", y, f"{p}/bn2", pad=1)
+      if stride != 1 or channels != out:  # as `_shortcut`
+        x = ops.conv(f"{p}/downsample_conv", x, f"{p}/downsample_bn", stride=stride)
+      x = ops.relu(ops.add(y, x))
+      channels = out
+  return ops.dense("head", ops.mean_hw(x))
+
+
+def mobilenet_v1_integer_graph(ops: IntegerOps, x, model: MobileNetV1):
+  """`MobileNetV1` written in `ops`: the integer path's graph."""
+  channels = int(MOBILENET_STEM * model.width)
+  x = ops.relu(ops.conv("conv_init", x, "bn_init", stride=2, pad=1))
+  for i, (features, stride) in enumerate(MOBILENET_V1_BLOCKS):
+    p = f"block{i}"
+    x = ops.relu(ops.conv(f"{p}/dw_conv", x, f"{p}/dw_bn", stride=stride, pad=1, groups=channels))
+    x = ops.relu(ops.conv(f"{p}/pw_conv", x, f"{p}/pw_bn"))
+    channels = int(features * model.width)
+  return ops.dense("head", ops.mean_hw(x))
+
+
+def mobilenet_v2_integer_graph(ops: IntegerOps, x, model: MobileNetV2):
+  """`MobileNetV2` written in `ops`: the integer path's graph."""
+  channels = _make_divisible(MOBILENET_STEM * model.width)
+  x = ops.relu6(ops.conv("conv_init", x, "bn_init", stride=2, pad=1))
+  i = 0
+  for t, c, n, s in MOBILENET_V2_SETTINGS:
+    out = _make_divisible(c * model.width)
+    for r in range(n):
+      stride = s if r == 0 else 1
+      hidden = int(round(channels * t))
+      p = f"block{i}"
+      y = x
+      if t != 1:
+        y = ops.relu6(ops.conv(f"{p}/expand_conv", y, f"{p}/expand_bn"))
+      y = ops.relu6(ops.conv(f"{p}/dw_conv", y, f"{p}/dw_bn", stride=stride, pad=1, groups=hidden))
+      y = ops.conv(f"{p}/project_conv", y, f"{p}/project_bn")
+      x = ops.add(y, x) if (stride == 1 and channels == out) else y
+      channels = out
+      i += 1
+  x = ops.relu6(ops.conv("conv_last", x, "bn_last"))
+  return ops.dense("head", ops.mean_hw(x))

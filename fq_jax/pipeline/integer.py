@@ -28,7 +28,7 @@ import jax
 import numpy as np
 
 import fq_jax as fq
-from fq_jax.integer import layers as integer_lib
+from fq_jax.integer import activations as integer_lib
 
 # Data for the calibration: a fixed epoch index of its own (the order is a
 # function of (seed, epoch)), so a rerun calibrates on the same batches.
