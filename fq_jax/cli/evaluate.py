@@ -5,37 +5,20 @@
 
 Everything comes from the file (architecture, dataset name, activation
 scales, batch-norm width; see docs/integer_inference.md) plus the dataset.
-Registered in `fq_jax.cli.COMMANDS`; heavy imports happen inside `run`.
+Registered in `fq_jax.cli.COMMANDS`.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 
+from fq_jax._src import tables
+from fq_jax.cli import common
+from fq_jax.integer import executor as integer_models
+
 HELP = "top-1 accuracy of an .fqz model on its test data (--integer: multiplication-free path) and its op counts"
-
-
-def _positive(text: str) -> int:
-  try:
-    value = int(text)
-  except ValueError:
-    raise argparse.ArgumentTypeError(f"invalid count {text!r}") from None
-  if value <= 0:
-    raise argparse.ArgumentTypeError(f"must be positive, got {text}")
-  return value
-
-
-def _bn_bits(text: str) -> int:
-  try:
-    value = int(text)
-  except ValueError:
-    raise argparse.ArgumentTypeError(f"invalid bit-width {text!r}") from None
-  if not 2 <= value <= 24:
-    raise argparse.ArgumentTypeError(f"must be in [2, 24], got {text}")
-  return value
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -57,21 +40,21 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
   p.add_argument("--dataset", default=None, help="override the file's dataset name")
   p.add_argument(
     "--limit",
-    type=_positive,
+    type=common.positive_int_arg,
     default=None,
     metavar="N",
     help="evaluate the first N test examples only",
   )
   p.add_argument(
     "--batch-size",
-    type=_positive,
+    type=common.positive_int_arg,
     default=None,
     metavar="B",
     help="examples per batch (default 100 integer, 500 float)",
   )
   p.add_argument(
     "--bn-bits",
-    type=_bn_bits,
+    type=common.bn_bits_arg,
     default=None,
     metavar="N",
     help="integer batch-norm width of the integer path (default: the file's, else 16)",
@@ -113,40 +96,25 @@ def format_ops(ops: dict, layers: bool = False) -> str:
       "multiplies",
       "bn_multiplies",
     )
-    rows = [[str(r[c]) for c in cols] for r in ops["layers"]]
-    widths = [max(len(c), *(len(r[i]) for r in rows)) for i, c in enumerate(cols)]
-    fmt = lambda cells: "  ".join(
-      c.ljust(w) if i < 3 else c.rjust(w)  # noqa: E731
-      for i, (c, w) in enumerate(zip(cells, widths))
-    )
-    lines += ["", fmt(cols), fmt(["-" * w for w in widths])] + [fmt(r) for r in rows]
+    rows = [[r[c] for c in cols] for r in ops["layers"]]
+    lines += ["", tables.format_table(rows, cols, left=cols[:3])]
   return "\n".join(lines)
 
 
 def run(args) -> int:
-  from fq_jax.cli import CLIError
-
-  if not os.path.exists(args.model):
-    raise CLIError(f"{args.model}: no such file")
-  import fq_jax as fq
-  from fq_jax.integer import executor as integer_models
-
-  try:
-    decoded = fq.load_fqz(args.model)
-  except fq.FormatError as e:
-    raise CLIError(f"{args.model}: {e}") from None
+  decoded = common.load_fqz(args.model)
   try:
     spec = integer_models.model_spec(decoded)
   except ValueError as e:
-    raise CLIError(f"{args.model}: {e}") from None
+    raise common.CLIError(f"{args.model}: {e}") from None
   if args.integer and not (spec.activation_bits and spec.activation_scales):
-    raise CLIError(
+    raise common.CLIError(
       f"{args.model}: the file records no activation scales, so it has no integer path "
       "(write it with train.py --config.quant.activation_bits=8)"
     )
   dataset = args.dataset or spec.dataset
   if not dataset:
-    raise CLIError(f"{args.model}: the file's metadata names no dataset; pass --dataset")
+    raise common.CLIError(f"{args.model}: the file's metadata names no dataset; pass --dataset")
   progress = None
   if sys.stderr.isatty() and not args.json:
     progress = lambda n: print(f"\r{n} examples", end="", file=sys.stderr, flush=True)  # noqa: E731
@@ -162,7 +130,7 @@ def run(args) -> int:
       progress=progress,
     )
   except FileNotFoundError as e:
-    raise CLIError(str(e)) from None
+    raise common.CLIError(str(e)) from None
   finally:
     if progress is not None:
       print("\r", end="", file=sys.stderr)
