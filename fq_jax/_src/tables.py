@@ -51,6 +51,7 @@ def format_table(
   *,
   left: Collection[str] = (),
   separator: str = "  ",
+  markdown: bool = False,
 ) -> str:
   """Formats rows under a header and a dashed rule, each column as wide as its widest cell.
 
@@ -59,7 +60,9 @@ def format_table(
       (None prints as an empty cell, anything else as `str(cell)`, escaped by `escape_text`).
     columns: the column names (the header line).
     left: names of the columns aligned left (text); the others are aligned right (numbers).
-    separator: the text between two columns.
+    separator: the text between two columns (plain tables).
+    markdown: a Markdown (GitHub) table instead, `|` in cells escaped, the rule marking the
+      right-aligned columns (`---:`); for BENCHMARKS.md.
 
   Returns:
     The table's lines joined by newlines (no trailing newline).
@@ -80,13 +83,24 @@ def format_table(
       raise ValueError(f"row {i} has {len(row)} cells for {len(columns)} columns")
     cells.append(["" if c is None else escape_text(str(c)) for c in row])
   header = [escape_text(c) for c in columns]
+  if markdown:
+    cells = [[c.replace("|", "\\|") for c in r] for r in cells]
+    header = [c.replace("|", "\\|") for c in header]
   widths = [max([len(header[j])] + [len(r[j]) for r in cells]) for j in range(len(columns))]
   is_left = [c in left for c in columns]
 
   def line(values: Sequence[str]) -> str:
-    text = separator.join(
-      v.ljust(w) if lft else v.rjust(w) for v, w, lft in zip(values, widths, is_left)
-    )
-    return text.rstrip()
+    padded = [v.ljust(w) if lft else v.rjust(w) for v, w, lft in zip(values, widths, is_left)]
+    if markdown:
+      return "| " + " | ".join(padded) + " |"
+    return separator.join(padded).rstrip()
 
-  return "\n".join([line(header), line(["-" * w for w in widths]), *(line(r) for r in cells)])
+  if markdown:
+    rule = (
+      "|"
+      + "|".join("-" * (w + 2) if lft else "-" * (w + 1) + ":" for w, lft in zip(widths, is_left))
+      + "|"
+    )
+  else:
+    rule = line(["-" * w for w in widths])
+  return "\n".join([line(header), rule, *(line(r) for r in cells)])
