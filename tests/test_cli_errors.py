@@ -78,6 +78,17 @@ BAD_CALLS = [
   (["evaluate", "fifo"], 1, "fifo: not a regular file"),
   (["inspect", "missing.fqz"], 1, "missing.fqz: no such file"),
   (["evaluate", "missing.fqz"], 1, "missing.fqz: no such file"),
+  # evaluate: float weights
+  (["evaluate", "w.npz"], 1, "w.npz: an .npz names no architecture or dataset: pass --model and"),
+  (["evaluate", "w.npz", "--model", "digits_cnn"], 1, "pass --dataset"),
+  (["evaluate", "w.npz", "--integer"], 1, "w.npz: float weights have no integer path"),
+  (["evaluate", "w.npz", "--model", "resnet18", "--dataset", "digits"], 1, "PyTorch-style keys"),
+  (
+    ["evaluate", "w.npz", "--model", "digits_cnn", "--depth", "8", "--dataset", "digits"],
+    1,
+    "--depth",
+  ),
+  (["evaluate", "w.npz", "--model", "vgg"], 2, "argument --model: invalid choice: 'vgg'"),
   # weights that cannot be compressed (exit 1, naming the array)
   (["compress", "nan.npz", "--out", "x.fqz"], 1, "array 'conv.weight' has 1 NaN or infinite"),
   (["compress", "inf.npz", "--out", "x.fqz"], 1, "array 'fc.weight' has 2 NaN or infinite"),
