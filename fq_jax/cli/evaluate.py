@@ -41,7 +41,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     "--model",
     choices=models.MODEL_NAMES,
     default=None,
-    help="architecture of an .npz (an .fqz names its own; if given, it must agree)",
+    metavar="NAME",
+    help="architecture of an .npz: " + ", ".join(models.MODEL_NAMES) + "\n"
+    "(an .fqz names its own; if given, it must agree)",
   )
   p.add_argument(
     "--depth",
