@@ -51,11 +51,11 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 import fq_jax as fq  # noqa: E402
-from fq_jax import cli  # noqa: E402
 from fq_jax.codec import ans as ans_lib  # noqa: E402
 from fq_jax.codec import huffman as huffman_lib  # noqa: E402
 from fq_jax.codec import model as model_lib  # noqa: E402
 from fq_jax.codec import positions as positions_lib  # noqa: E402
+from fq_jax.codec import posttrain  # noqa: E402
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared" / "models"
@@ -104,8 +104,8 @@ def compress_like_cli(arrays: dict, sparsity: float, bits: int, kernels_only=Tru
   for i, (path, w) in enumerate(arrays.items()):
     if w.ndim < 2 or not np.issubdtype(w.dtype, np.floating):
       continue
-    mask = cli.magnitude_mask(w, sparsity)
-    focus[path] = cli.focus_layer(
+    mask = posttrain.magnitude_mask(w, sparsity)
+    focus[path] = posttrain.focus_layer(
       w, mask, jax.random.fold_in(key, i), bits=bits, w_sep=2.0, recentralize=True
     )
   return focus

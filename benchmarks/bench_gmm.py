@@ -26,6 +26,7 @@ from sklearn.mixture import GaussianMixture
 
 import fq_jax as fq
 from fq_jax import models
+from fq_jax._src.tables import format_table
 
 
 def machine() -> str:
@@ -89,21 +90,30 @@ def main():
     jnp.asarray(np.sqrt(default.covariances_[:, 0, 0]), jnp.float32),
   )
   ll_default = float(fq.gmm_log_likelihood(g_default, kept))
-  print("\n| 2,359,296-value layer, 80% pruned | seconds | mean log-likelihood | EM iterations |")
-  print("|---|---|---|---|")
-  print(f"| fq.fit_gmm (jit, compiled) | {t_fq:.3f} | {ll_fq:.5f} | <= 200 (tol 1e-7) |")
-  print(
-    f"| sklearn GaussianMixture (defaults, paper init) | {t_sk:.3f} | {ll_sk:.5f} | {sk.n_iter_} |"
-  )
-  print(
-    f"| sklearn GaussianMixture (defaults: k-means init) | {t_default:.3f} | {ll_default:.5f} | {default.n_iter_} |"
-  )
-  print(
-    f"| ratio sklearn (paper init) / fq | {t_sk / t_fq:.1f}x | fq - sklearn = {ll_fq - ll_sk:+.2e} | |"
-  )
-  print(
-    f"| ratio sklearn (defaults) / fq | {t_default / t_fq:.1f}x | fq - sklearn = {ll_fq - ll_default:+.2e} | |"
-  )
+  rows = [
+    ["fq.fit_gmm (jit, compiled)", f"{t_fq:.3f}", f"{ll_fq:.5f}", "<= 200 (tol 1e-7)"],
+    ["sklearn GaussianMixture (defaults, paper init)", f"{t_sk:.3f}", f"{ll_sk:.5f}", sk.n_iter_],
+    [
+      "sklearn GaussianMixture (defaults: k-means init)",
+      f"{t_default:.3f}",
+      f"{ll_default:.5f}",
+      default.n_iter_,
+    ],
+    [
+      "ratio sklearn (paper init) / fq",
+      f"{t_sk / t_fq:.1f}x",
+      f"fq - sklearn = {ll_fq - ll_sk:+.2e}",
+      "",
+    ],
+    [
+      "ratio sklearn (defaults) / fq",
+      f"{t_default / t_fq:.1f}x",
+      f"fq - sklearn = {ll_fq - ll_default:+.2e}",
+      "",
+    ],
+  ]
+  columns = ["2,359,296-value layer, 80% pruned", "seconds", "mean log-likelihood", "EM iterations"]
+  print("\n" + format_table(rows, columns, left=columns[:1], markdown=True))
 
   resnet50 = models.get_model("resnet50")
   shapes = jax.eval_shape(
@@ -123,10 +133,12 @@ def main():
   compile_s = time.perf_counter() - t0
   t_all, gs = timed(lambda: fit_all(ws, ms), args.repeats)
   total = sum(w.size for w in ws)
-  print(f"\n| all ResNet-50 kernels ({len(ws)} layers, {total:,} values, 80% pruned) | seconds |")
-  print("|---|---|")
-  print(f"| fq.fit_gmms, one batched EM (compiled) | {t_all:.3f} |")
-  print(f"| first call incl. compilation | {compile_s:.3f} |")
+  rows = [
+    ["fq.fit_gmms, one batched EM (compiled)", f"{t_all:.3f}"],
+    ["first call incl. compilation", f"{compile_s:.3f}"],
+  ]
+  columns = [f"all ResNet-50 kernels ({len(ws)} layers, {total:,} values, 80% pruned)", "seconds"]
+  print("\n" + format_table(rows, columns, left=columns[:1], markdown=True))
   assert np.all(np.isfinite(np.asarray(gs.means)))
 
 

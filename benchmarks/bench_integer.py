@@ -51,7 +51,7 @@ import numpy as np
 import fq_jax as fq
 from fq_jax import data, models
 from fq_jax import integer as integer_lib
-from fq_jax.cli import focus_layer
+from fq_jax.codec.posttrain import focus_layer
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"

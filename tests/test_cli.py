@@ -11,6 +11,7 @@ import pytest
 
 import fq_jax as fq
 from fq_jax import cli
+from fq_jax.codec import posttrain
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 RESNET20 = REPO.parent / "shared" / "models" / "resnet20-cifar10.npz"
@@ -56,8 +57,8 @@ def test_compress_inspect_decompress(weights, tmp_path, capsys):
       "--bits",
       "5",
       "--rules",
-      r"fc\.weight=sparsity:0",
-      r"^conv1\.weight=quantize:false",
+      r"fc\.weight:sparsity=0",
+      r"^conv1\.weight:quantize=false",
     ],
     capsys,
   )
@@ -113,7 +114,7 @@ def test_huffman_and_dense_rules(weights, tmp_path, capsys):
       "--sparsity",
       "0.5",
       "--rules",
-      r"fc\.=dense",
+      r"fc\.:prune=false,quantize=false",
     ],
     capsys,
   )
@@ -136,11 +137,14 @@ def test_huffman_and_dense_rules(weights, tmp_path, capsys):
     (["compress", "{npy}", "--out", "x.fqz"], "not an .npz archive"),
     (["inspect", "{corrupt}"], "CRC mismatch"),
     (["inspect", "{text}"], "bad magic"),
-    (["compress", "{weights}", "--out", "x.fqz", "--rules", "noequals"], "expected REGEX=SETTINGS"),
-    (["compress", "{weights}", "--out", "x.fqz", "--rules", "a=bits:9"], "bits must be"),
-    (["compress", "{weights}", "--out", "x.fqz", "--rules", "a=color:red"], "unknown key"),
-    (["compress", "{weights}", "--out", "x.fqz", "--rules", "(=bits:4"], "not a regex"),
-    (["compress", "{weights}", "--out", "x.fqz", "--rules", "a=prune:maybe"], "boolean"),
+    (
+      ["compress", "{weights}", "--out", "x.fqz", "--rules", "noequals"],
+      "is not 'REGEX:key=value,...'",
+    ),
+    (["compress", "{weights}", "--out", "x.fqz", "--rules", "a:bits=9"], "bits must be"),
+    (["compress", "{weights}", "--out", "x.fqz", "--rules", "a:color=red"], "unknown setting"),
+    (["compress", "{weights}", "--out", "x.fqz", "--rules", "(:bits=4"], "not a regex"),
+    (["compress", "{weights}", "--out", "x.fqz", "--rules", "a:prune=maybe"], "prune='maybe'"),
   ],
 )
 def test_errors_are_one_line(argv, message, weights, tmp_path, capsys):
@@ -202,13 +206,20 @@ def test_python_dash_m_reports_one_line(tmp_path):
   assert proc.stderr.strip().splitlines() == [f"fq-jax: error: {tmp_path / 'no.fqz'}: no such file"]
 
 
-def test_host_magnitude_mask_matches_the_library():
+def test_padded_magnitude_mask_is_the_cores():
+  """posttrain.magnitude_mask pads to a bucket under one jit: the mask must not change."""
   rng = np.random.default_rng(0)
   w = rng.normal(size=(6, 7)).astype(np.float32)
   w[0, :3] = 0.5  # ties
   w[1, 1] = np.nan
-  for s in (0.0, 0.3, 0.5, 0.9):
-    np.testing.assert_array_equal(cli.magnitude_mask(w, s), np.asarray(fq.magnitude_mask(w, s)))
+  w[2, 2] = np.inf
+  big = rng.normal(size=(70_001,)).astype(np.float32)  # the next bucket
+  big[:100] = 0.25
+  for x in (w, big):
+    for s in (0.0, 0.3, 0.5, 0.9):
+      want = np.asarray(fq.magnitude_mask(x, s))
+      np.testing.assert_array_equal(posttrain.magnitude_mask(x, s), want)
+      assert (~want).sum() == round(s * x.size)
 
 
 def test_commands_are_registered_in_one_place():
