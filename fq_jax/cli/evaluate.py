@@ -23,8 +23,8 @@ import time
 import jax
 import numpy as np
 
-from fq_jax import integer as integer_models
 from fq_jax import data as data_lib
+from fq_jax import integer as integer_models
 from fq_jax import models
 from fq_jax._src import tables
 from fq_jax.cli import common
