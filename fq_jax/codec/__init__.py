@@ -1,18 +1,24 @@
-"""The .fqz compressed-model artifact: container, entropy coders, model <-> file."""
+"""The .fqz compressed-model artifact: container, entropy coders, model <-> file.
 
+Modules: `container` (frame, header, CRCs), `ans` / `huffman` / `positions` (coders),
+`layout` (kinds, dtypes, alphabets), `encode` / `decode` (one function per section kind),
+`decoded` (`DecodedModel`), `summary` (`artifact_summary`, the paper-style ratio), `files`
+(`save_fqz` / `load_fqz`), `metadata` (`ModelMetadata`), `atomic` (atomic writes).
+"""
+
+from fq_jax.codec import model  # noqa: E402, F401  (compat alias for fq_jax/cli, see model.py)
 from fq_jax.codec.container import FormatError
-from fq_jax.codec.model import (
-  DecodedModel,
-  artifact_summary,
-  decode_model,
-  encode_model,
-  load_fqz,
-  save_fqz,
-)
+from fq_jax.codec.decode import decode_model
+from fq_jax.codec.decoded import DecodedModel
+from fq_jax.codec.encode import encode_model
+from fq_jax.codec.files import load_fqz, save_fqz
+from fq_jax.codec.metadata import ModelMetadata
+from fq_jax.codec.summary import artifact_summary
 
 __all__ = [
   "FormatError",
   "DecodedModel",
+  "ModelMetadata",
   "artifact_summary",
   "decode_model",
   "encode_model",

@@ -225,28 +225,7 @@ def unpack(data, max_header_bytes: int = MAX_HEADER_RAW) -> tuple[dict, list[tup
       f"inflated header size {raw_len} at offset 16 exceeds the allowed "
       f"{max_header_bytes} bytes (max_output_bytes / 16)"
     )
-  try:
-    d = zlib.decompressobj()
-    raw = d.decompress(header_bytes, raw_len + 1)
-    ok = len(raw) == raw_len and d.eof and not d.unused_data and not d.unconsumed_tail
-  except zlib.error as e:
-    raise FormatError(
-      f"header (file bytes {PREAMBLE_SIZE}..{header_end}) does not inflate: {e}"
-    ) from None
-  if not ok:
-    raise FormatError(
-      f"header (file bytes {PREAMBLE_SIZE}..{header_end}) inflates to "
-      f"{len(raw)} bytes, not the {raw_len} declared at offset 16"
-    )
-  try:
-    header = json.loads(raw.decode("utf-8"), parse_constant=_reject_constant)
-  except Exception as e:  # UnicodeDecodeError, JSONDecodeError, RecursionError, ValueError
-    raise FormatError(
-      f"header (file bytes {PREAMBLE_SIZE}..{header_end}) is not valid "
-      f"UTF-8 JSON: {type(e).__name__}: {e}"[:400]
-    ) from None
-  if not isinstance(header, dict):
-    raise FormatError(f"header (file bytes {PREAMBLE_SIZE}..{header_end}) is not a JSON object")
+  header = _inflate_json(header_bytes, raw_len, header_end)
   arrays = header.get("arrays")
   if not isinstance(arrays, list):
     raise FormatError("header: 'arrays' must be a list")
@@ -275,6 +254,33 @@ def unpack(data, max_header_bytes: int = MAX_HEADER_RAW) -> tuple[dict, list[tup
         f"mismatch (stored {entry['crc']:#010x}, computed {actual:#010x})"
       )
   return header, spans, header_end
+
+
+def _inflate_json(header_bytes: bytes, raw_len: int, header_end: int) -> dict:
+  """The header's JSON object from its zlib bytes (exactly `raw_len` bytes once inflated)."""
+  try:
+    d = zlib.decompressobj()
+    raw = d.decompress(header_bytes, raw_len + 1)
+    ok = len(raw) == raw_len and d.eof and not d.unused_data and not d.unconsumed_tail
+  except zlib.error as e:
+    raise FormatError(
+      f"header (file bytes {PREAMBLE_SIZE}..{header_end}) does not inflate: {e}"
+    ) from None
+  if not ok:
+    raise FormatError(
+      f"header (file bytes {PREAMBLE_SIZE}..{header_end}) inflates to "
+      f"{len(raw)} bytes, not the {raw_len} declared at offset 16"
+    )
+  try:
+    header = json.loads(raw.decode("utf-8"), parse_constant=_reject_constant)
+  except Exception as e:  # UnicodeDecodeError, JSONDecodeError, RecursionError, ValueError
+    raise FormatError(
+      f"header (file bytes {PREAMBLE_SIZE}..{header_end}) is not valid "
+      f"UTF-8 JSON: {type(e).__name__}: {e}"[:400]
+    ) from None
+  if not isinstance(header, dict):
+    raise FormatError(f"header (file bytes {PREAMBLE_SIZE}..{header_end}) is not a JSON object")
+  return header
 
 
 def _reject_constant(name):
