@@ -71,3 +71,46 @@ def test_save_fqz_is_atomic(tmp_path, monkeypatch):
   n = fq.save_fqz(path, params)
   assert path.stat().st_size == n and os.listdir(tmp_path) == ["m.fqz"]
   np.testing.assert_array_equal(fq.load_fqz(path).arrays["kernel"], params["kernel"])
+
+
+def _mid_schedule():
+  """A kernel (rule `kernel$`) at INQ stage 0 (25% of its kept weights quantized), and a bias."""
+  import optax
+
+  rng = np.random.default_rng(3)
+  params = {"dense": {"kernel": rng.normal(size=(16, 12)).astype(np.float32), "bias": np.ones(12)}}
+  params = fq.apply_masks(params, fq.magnitude_masks(params, 0.5))
+  tx = fq.focused_quantization(optax.sgd(0.1), bits=5, schedule=fq.inq_schedule(10))
+  return params, tx.init(params)
+
+
+def test_save_fqz_mid_schedule_needs_partial(tmp_path):
+  params, state = _mid_schedule()
+  assert 0.0 < fq.quantized_fraction(state) < 1.0
+  path = tmp_path / "m.fqz"
+  with pytest.raises(ValueError, match=r"middle of the INQ schedule \(25\.0% .*partial="):
+    fq.save_fqz(path, params, state)
+  assert not path.exists()
+  with pytest.raises(ValueError, match="partial must be None, 'quantize' or 'float'"):
+    fq.save_fqz(path, params, state, partial="exact")
+  forward = jax.tree.map(np.asarray, fq.quantized(params, state))
+  kernel = forward["dense"]["kernel"]
+
+  fq.save_fqz(path, params, state, partial="float")
+  decoded = fq.load_fqz(path)
+  # The oracle is the forward pass itself: the file rebuilds exactly what the network used.
+  np.testing.assert_array_equal(decoded.arrays["dense/kernel"], kernel)
+  np.testing.assert_array_equal(decoded.arrays["dense/bias"], forward["dense"]["bias"])
+  assert {r["path"]: r["kind"] for r in decoded.layers}["dense/kernel"] == "pruned"
+
+  fq.save_fqz(path, params, state, partial="quantize")
+  decoded = fq.load_fqz(path)
+  q = decoded.arrays["dense/kernel"]
+  f = state.focus["dense"]["kernel"]
+  inq = np.asarray(state.inq["dense"]["kernel"])
+  np.testing.assert_array_equal(q[inq], kernel[inq])  # the quantized ones agree
+  assert not np.array_equal(
+    q, kernel
+  )  # the others are quantized in the file, not in the forward pass
+  want = np.asarray(fq.focused_values(fq.focused_symbols(params["dense"]["kernel"], f), f))
+  np.testing.assert_array_equal(q, want)

@@ -9,9 +9,9 @@ header entry and the total allocation, (2) parse each section and decode its str
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
-import os
 import struct
 
 import numpy as np
@@ -20,6 +20,7 @@ from fq_jax._src import gmm as gmm_lib
 from fq_jax._src import quantizers
 from fq_jax.codec import container, sections
 from fq_jax.codec import huffman as huffman_lib
+from fq_jax.codec import limits as limits_lib
 from fq_jax.codec import positions as positions_lib
 from fq_jax.codec.container import FormatError
 from fq_jax.codec.decoded import DecodedModel, Lazy, codebook_state
@@ -29,18 +30,14 @@ from fq_jax.codec.layout import (
   FLOATS,
   FOCUSED_DTYPES,
   KINDS,
+  MAX_BIAS,
   MAX_CODEWORDS,
   MAX_NDIM,
+  MIN_BIAS,
   SYMBOL_KINDS,
 )
+from fq_jax.codec.limits import DecodeLimits
 from fq_jax.codec.sections import Layer
-
-# Default decoding allowance: what the decoder may allocate, in bytes.
-DEFAULT_EXPANSION = 1024
-DEFAULT_ALLOWANCE = 16 << 20
-# Bytes of temporaries per coded symbol and per array element while decoding.
-_PER_SYMBOL = 48
-
 
 # ----------------------------------------------------------------------------
 # The shared header validator
@@ -81,6 +78,8 @@ class Validator:
     return v
 
   def f32(self, value, field):
+    """A float32 header value: a JSON number that rounds to a finite float32, or one of the
+    strings "NaN", "Infinity", "-Infinity" (the only way to store non-finite values)."""
     if isinstance(value, str):
       table = {"NaN": np.nan, "Infinity": np.inf, "-Infinity": -np.inf}
       if value not in table:
@@ -89,11 +88,14 @@ class Validator:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
       self.fail(field, f"must be a number, got {type(value).__name__}")
     try:
-      x = float(value)
-      struct.pack("<f", x)  # OverflowError past the float32 range
+      x = float(value)  # an int too large for a double raises OverflowError
     except OverflowError:
-      self.fail(field, f"= {str(value)[:40]} overflows float32")
-    return np.float32(x)
+      x = math.inf
+    with np.errstate(over="ignore"):
+      y = np.float32(x)  # IEEE round to nearest, ties to even (inf from 2^128 - 2^103 on)
+    if not np.isfinite(y):  # 1e39, and 1e400 (which json reads as inf)
+      self.fail(field, f'= {str(value)[:40]} is outside the float32 range (write "Infinity")')
+    return y
 
   def f32_pair(self, obj, key, field):
     v = self.get(obj, key, list, field)
@@ -112,8 +114,8 @@ def _parse_quant(v: Validator, q, field: str) -> dict:
   if rec and bits < 3:
     v.fail(f"{field}.recentralized", "needs bits >= 3")
   bias = v.get(q, "bias", int, f"{field}.bias")
-  if not -(1 << 31) <= bias < 1 << 31:
-    v.fail(f"{field}.bias", "is outside int32")
+  if not MIN_BIAS <= bias <= MAX_BIAS:
+    v.fail(f"{field}.bias", f"= {bias} is outside [{MIN_BIAS}, {MAX_BIAS}]")
   for key in ("sigma", "alpha"):
     if key not in q:
       v.fail(f"{field}.{key}", "is missing")
@@ -148,8 +150,11 @@ def _check_stored(v: Validator, entry: dict, dtype: str) -> None:
   stored = v.get(entry, "stored", str)
   if stored not in DTYPES:
     v.fail("stored", f"{stored[:40]!r} is not supported")
-  if stored != dtype and not (stored in FLOATS and dtype in FLOATS):
-    v.fail("stored", f"{stored} cannot stand for {dtype}")
+  narrower_float = (
+    stored in FLOATS and dtype in FLOATS and DTYPES[stored].itemsize < DTYPES[dtype].itemsize
+  )
+  if stored != dtype and not narrower_float:
+    v.fail("stored", f"{stored} cannot stand for {dtype} (only a narrower float may)")
 
 
 def _check_codebook(v: Validator, entry: dict, layer: Layer, dtype: str) -> int:
@@ -158,14 +163,17 @@ def _check_codebook(v: Validator, entry: dict, layer: Layer, dtype: str) -> int:
   layer.codewords = v.uint(entry, "codewords", MAX_CODEWORDS)
   if layer.codewords < 1:
     v.fail("codewords", "must be >= 1")
-  return 8 * layer.codewords
+  return (
+    limits_lib.PER_CODEWORD_BYTES * layer.codewords
+    + limits_lib.PER_STATE_ELEMENT_BYTES * layer.size
+  )
 
 
 def _check_focused(v: Validator, entry: dict, layer: Layer, dtype: str) -> int:
   if dtype not in FOCUSED_DTYPES:
     v.fail("dtype", f"{dtype} cannot be focused")
   layer.params = _parse_quant(v, entry.get("quant"), "quant")
-  return 0
+  return limits_lib.PER_STATE_ELEMENT_BYTES * layer.size  # symbols and assignment, built on access
 
 
 def _check_positions(v: Validator, entry: dict, layer: Layer) -> int:
@@ -180,7 +188,10 @@ def _check_positions(v: Validator, entry: dict, layer: Layer) -> int:
   npos = v.uint(entry, "npos", size + layer.coded)
   if not layer.coded <= npos <= layer.coded + size // run + 1:
     v.fail("npos", f"= {npos} is inconsistent with {layer.coded} coded positions")
-  return _PER_SYMBOL * (npos + layer.kept) + size  # symbols, indices, mask
+  # Symbol buffers and index temporaries, and the keep-mask.
+  return (
+    limits_lib.PER_SYMBOL_BYTES * (npos + layer.kept) + limits_lib.PER_ELEMENT_MASK_BYTES * size
+  )
 
 
 def _check_entry(i: int, entry: dict, seen: set) -> tuple[Layer, int]:
@@ -202,7 +213,7 @@ def _check_entry(i: int, entry: dict, seen: set) -> tuple[Layer, int]:
   if kind not in KINDS:
     v.fail("kind", f"{kind[:40]!r} is not one of {KINDS}")
   layer = Layer(i, entry, tuple(shape), size, kind)
-  need = size * DTYPES[dtype].itemsize
+  need = size * DTYPES[dtype].itemsize + limits_lib.PER_ARRAY_BYTES
   if kind not in SYMBOL_KINDS:
     _check_stored(v, entry, dtype)
   elif kind == "codebook":
@@ -236,52 +247,64 @@ def _check_header(header: dict) -> tuple[str, int, dict]:
 # ----------------------------------------------------------------------------
 
 
-def decode_model(data: bytes, *, max_output_bytes: int | None = None) -> DecodedModel:
+def decode_model(
+  data: bytes, *, max_output_bytes: int | None = None, limits: DecodeLimits | None = None
+) -> DecodedModel:
   """Decodes .fqz bytes (see `encode_model`).
 
   Args:
     data: the file's bytes.
-    max_output_bytes: the most the decoder may allocate for the rebuilt arrays
-      and its temporaries, checked before allocating. Default:
-      1024 * len(data) + 16 MiB (raise it for extremely sparse models).
+    max_output_bytes: shorthand for `DecodeLimits(max_output_bytes=...)`
+      (overrides the field of `limits`).
+    limits: the resource limits (`DecodeLimits`; default: at most
+      1024 * len(data) + 16 MiB held at once, 65,536 arrays, a header of at
+      most 1/16 of that). Every buffer the decoder allocates is counted from
+      the header and checked before anything is allocated; decode time is
+      linear in the same total.
 
   Returns:
     A `DecodedModel`.
 
   Raises:
-    FormatError: for any malformed, truncated, corrupted or oversized input;
-      the message names the section and byte offset at fault.
+    FormatError: for any malformed, truncated, corrupted or oversized input
+      (beyond `limits`); the message names the section and byte offset at
+      fault. Nothing else is caught: a `MemoryError` or a bug surfaces as
+      itself.
   """
   if not isinstance(data, (bytes, bytearray, memoryview)):
     raise TypeError(f"decode_model needs bytes, got {type(data).__name__}")
-  try:
-    return _decode(data, max_output_bytes)
-  except FormatError:
-    raise
-  except Exception as e:  # a safety net: nothing but FormatError may escape
-    if os.environ.get("FQ_JAX_CODEC_STRICT"):
-      raise
-    raise FormatError(f"malformed file: {type(e).__name__}: {e}"[:500]) from e
+  limits = DecodeLimits() if limits is None else limits
+  if not isinstance(limits, DecodeLimits):
+    raise TypeError(f"limits must be a DecodeLimits, got {type(limits).__name__}")
+  if max_output_bytes is not None:
+    limits = dataclasses.replace(limits, max_output_bytes=max_output_bytes)
+  return _decode(bytes(data), limits)
 
 
-def _decode(data, max_output_bytes) -> DecodedModel:
-  data = bytes(data)
-  if max_output_bytes is None:
-    max_output_bytes = DEFAULT_EXPANSION * len(data) + DEFAULT_ALLOWANCE
-  header, spans, header_end = container.unpack(data, max_output_bytes // 16)
-  major, minor = struct.unpack_from("<HH", data, 8)
-  coder, lane, metadata = _check_header(header)
-
-  layers, budget, seen = [], 0, set()
+def _check_budget(header: dict, data: bytes, limits: DecodeLimits) -> tuple[list[Layer], int, int]:
+  """Pass 1: every entry checked and the bytes decoding needs summed; (layers, need, limit)."""
+  limit = limits.output_bytes(len(data))
+  layers, seen = [], set()
+  budget = limits_lib.PER_TABLE_ENTRY_BYTES * len(data)  # stream tables: at most one per file byte
   for i, entry in enumerate(header["arrays"]):
     layer, need = _check_entry(i, entry, seen)
     layers.append(layer)
     budget += need
-  if budget > max_output_bytes:
+  if budget > limit:
     raise FormatError(
       f"header: the arrays would need {budget} bytes to decode, more than the "
-      f"allowed {max_output_bytes} (max_output_bytes) for a {len(data)}-byte file"
+      f"allowed {limit} (max_output_bytes) for a {len(data)}-byte file"
     )
+  return layers, budget, limit
+
+
+def _decode(data: bytes, limits: DecodeLimits) -> DecodedModel:
+  header, spans, header_end = container.unpack(
+    data, limits.header_bytes(len(data), container.MAX_HEADER_RAW), limits.max_arrays
+  )
+  major, minor = struct.unpack_from("<HH", data, 8)
+  coder, lane, metadata = _check_header(header)
+  layers, budget, max_output_bytes = _check_budget(header, data, limits)
 
   queue, table_bytes = [], 0
   for layer, (start, end) in zip(layers, spans):

@@ -33,7 +33,9 @@ from fq_jax.codec.layout import (
   DTYPES,
   FLOATS,
   FOCUSED_DTYPES,
+  MAX_BIAS,
   MAX_CODEWORDS,
+  MIN_BIAS,
   dtype_name,
   float_json,
   little_endian,
@@ -160,6 +162,9 @@ def focus_params(state) -> dict:
     raise ValueError(f"bits must be in [{quantizers.MIN_BITS}, {quantizers.MAX_BITS}], got {bits}")
   if rec and bits < 3:
     raise ValueError("a recentralized layer needs bits >= 3")
+  bias = int(np.asarray(state.bias))
+  if not MIN_BIAS <= bias <= MAX_BIAS:
+    raise ValueError(f"bias must be in [{MIN_BIAS}, {MAX_BIAS}], got {bias}")
   means = np.asarray(state.means, np.float32).reshape(-1)
   if means.size != 2:
     raise ValueError("FocusState.means must have 2 entries")
@@ -168,7 +173,7 @@ def focus_params(state) -> dict:
     bits=bits,
     means=[np.float32(m) for m in means],
     sigma=np.float32(np.asarray(state.sigma)),
-    bias=int(np.asarray(state.bias)),
+    bias=bias,
     alpha=np.float32(np.asarray(state.alpha)),
   )
 

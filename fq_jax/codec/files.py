@@ -13,6 +13,7 @@ from fq_jax.codec import atomic
 from fq_jax.codec.decode import decode_model
 from fq_jax.codec.decoded import DecodedModel
 from fq_jax.codec.encode import encode_model
+from fq_jax.codec.limits import DecodeLimits
 
 _is_state_leaf = tree_util.none_or(quantizers.FocusState)
 
@@ -35,28 +36,57 @@ def _params_of(tree, state, params_key):
   return tree[params_key], f"{params_key}/", params_key
 
 
-def _state_arrays(state, params, prefix: str, params_key) -> tuple[dict, dict]:
-  """(focus, masks) by full path from the compression state's trees."""
-  focus, masks = {}, {}
+PARTIAL_MODES = ("quantize", "float")
+
+
+def _state_arrays(state, params, prefix: str, params_key, partial) -> tuple[dict, dict, dict]:
+  """(focus, masks, replaced values) by full path from the compression state's trees.
+
+  With partial="float", a focused layer whose kept weights are not all quantized yet
+  (mid-INQ) is stored as a pruned layer holding `fq.quantized(params, state)`'s values.
+  """
+  focus, masks, values = {}, {}, {}
   treedef = jax.tree.structure(state.masks, is_leaf=_is_state_leaf)
   try:
     mask_leaves = treedef.flatten_up_to(state.masks)
     param_paths = treedef.flatten_up_to(rules_lib.leaf_paths(params))
-    focus_leaves = (
-      treedef.flatten_up_to(state.focus) if hasattr(state, "focus") else [None] * len(mask_leaves)
-    )
+    none = [None] * len(mask_leaves)
+    focus_leaves = treedef.flatten_up_to(state.focus) if hasattr(state, "focus") else none
+    inq_leaves = treedef.flatten_up_to(state.inq) if hasattr(state, "inq") else none
   except (ValueError, TypeError) as e:
     raise ValueError(
       f"the compression state's trees do not mirror the parameters (params_key={params_key!r}): {e}"
     ) from None
-  for m, f, p in zip(mask_leaves, focus_leaves, param_paths):
+  forward = None
+  for i, (m, f, inq, p) in enumerate(zip(mask_leaves, focus_leaves, inq_leaves, param_paths)):
     if m is None:
       continue
-    if f is not None:
+    pending = (
+      partial == "float" and f is not None and bool(np.any(np.asarray(m) & ~np.asarray(inq)))
+    )
+    if f is not None and not pending:
       focus[prefix + p] = f
-    else:
-      masks[prefix + p] = np.asarray(m, bool)
-  return focus, masks
+      continue
+    masks[prefix + p] = np.asarray(m, bool)
+    if pending:
+      if forward is None:
+        forward = treedef.flatten_up_to(transforms.quantized(params, state))
+      values[prefix + p] = np.asarray(forward[i])
+  return focus, masks, values
+
+
+def _check_partial(state, partial) -> None:
+  """Refuses a state in the middle of the INQ schedule unless `partial` says what to do."""
+  if partial is not None and partial not in PARTIAL_MODES:
+    raise ValueError(f"partial must be None, 'quantize' or 'float', got {partial!r}")
+  if partial is None and isinstance(state, transforms.FQState):
+    fraction = transforms.quantized_fraction(state)
+    if fraction < 1.0:
+      raise ValueError(
+        f"the state is in the middle of the INQ schedule ({fraction:.1%} of the kept weights "
+        "quantized): pass partial='quantize' to store every kept weight quantized, or "
+        "partial='float' to store the layers not fully quantized yet as lossless floats"
+      )
 
 
 def save_fqz(
@@ -69,6 +99,7 @@ def save_fqz(
   metadata: dict | None = None,
   params_key: str | None = "auto",
   float_dtype: str | None = None,
+  partial: str | None = None,
 ) -> int:
   """Writes a model and its compression state to an .fqz file (atomically).
 
@@ -90,12 +121,26 @@ def save_fqz(
       string names the top-level key explicitly. The stored paths always
       start from the root of `params_or_variables`.
     float_dtype: see `encode_model`.
+    partial: what to do with a `focused_quantization` state in the middle of
+      its INQ schedule (some kept weights not quantized yet): None (default)
+      refuses it with a ValueError; "quantize" stores every kept weight
+      quantized (the file then differs from `fq.quantized(params, state)`
+      in the weights not quantized yet); "float" stores each layer that is
+      not fully quantized as a pruned layer holding exactly
+      `fq.quantized(params, state)`'s values (lossless floats: the file
+      rebuilds the forward pass, those layers lose their symbols and
+      FocusState). A state at the end of its schedule ignores `partial`.
 
   Returns:
     The number of bytes written.
+
+  Raises:
+    ValueError: a mid-schedule state without `partial`, trees that do not
+      match, or anything `encode_model` rejects.
   """
   tree = params_or_variables
   state = None if opt_state_or_fq_state is None else transforms.find_state(opt_state_or_fq_state)
+  _check_partial(state, partial)
   params, prefix, params_key = _params_of(tree, state, params_key)
   flat_paths = jax.tree.leaves(rules_lib.leaf_paths(tree))
   arrays = dict(zip(flat_paths, (np.asarray(x) for x in jax.tree.leaves(tree))))
@@ -103,7 +148,9 @@ def save_fqz(
     raise ValueError("two leaves of the tree have the same '/'-joined path")
   focus, masks = {}, {}
   if state is not None:
-    focus, masks = _state_arrays(state, params, prefix, params_key)
+    focus, masks, values = _state_arrays(state, params, prefix, params_key, partial)
+    for p, v in values.items():
+      arrays[p] = v.astype(arrays[p].dtype, copy=False)
   if extra is not None:
     for p, x in zip(jax.tree.leaves(rules_lib.leaf_paths(extra)), jax.tree.leaves(extra)):
       if p in arrays:
@@ -116,8 +163,10 @@ def save_fqz(
   return len(data)
 
 
-def load_fqz(path, *, max_output_bytes: int | None = None) -> DecodedModel:
-  """Reads and decodes an .fqz file (see `decode_model`)."""
+def load_fqz(
+  path, *, max_output_bytes: int | None = None, limits: DecodeLimits | None = None
+) -> DecodedModel:
+  """Reads and decodes an .fqz file (see `decode_model` for `max_output_bytes` and `limits`)."""
   with open(path, "rb") as fh:
     data = fh.read()
-  return decode_model(data, max_output_bytes=max_output_bytes)
+  return decode_model(data, max_output_bytes=max_output_bytes, limits=limits)

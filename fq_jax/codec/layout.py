@@ -38,6 +38,9 @@ FLOATS = ("float16", "bfloat16", "float32", "float64")
 # float64 layers are quantized in float32 (as JAX without x64 would) and widened exactly.
 FOCUSED_DTYPES = ("float16", "bfloat16", "float32", "float64")
 MAX_NDIM = 32
+# The legal range of a focused layer's `quant.bias` (docs/format.md): beyond it every shift
+# value is already 0 or +-inf in float32, and t - 1 - b stays far from int32 overflow.
+MIN_BIAS, MAX_BIAS = -(1 << 15), (1 << 15) - 1
 
 
 def dtype_name(dtype) -> str:

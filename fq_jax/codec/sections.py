@@ -13,7 +13,7 @@ import functools
 import numpy as np
 
 from fq_jax.codec import ans as ans_lib
-from fq_jax.codec import container, kernels
+from fq_jax.codec import container, kernels, limits
 from fq_jax.codec import huffman as huffman_lib
 from fq_jax.codec import positions as positions_lib
 from fq_jax.codec.container import FormatError, Reader
@@ -39,6 +39,7 @@ class Layer:
   coded_bytes: int = 0
   pos_hist: np.ndarray | None = None
   sym_hist: np.ndarray | None = None
+  pos_escapes: bool = True  # False when the position table says the escape symbol is absent
   codewords: int = 0
   codebook: np.ndarray | None = None
 
@@ -52,17 +53,41 @@ class Layer:
 # ----------------------------------------------------------------------------
 
 
-def _read_table(r: Reader, alphabet: int, coder: str, what: str) -> np.ndarray:
-  """A stream's table: counts (ANS) or code lengths (Huffman) over the alphabet."""
+@dataclasses.dataclass(frozen=True)
+class Table:
+  """A stream's table as stored: `entries[i]` belongs to symbol `lo + i`, all others are 0.
+
+  Kept in this sparse form so that its memory is bounded by the section's bytes, whatever
+  the alphabet (a position alphabet may have 2^24 + 1 symbols).
+  """
+
+  lo: int
+  entries: np.ndarray
+
+  def present(self) -> np.ndarray:
+    """The symbols with a non-zero entry, ascending."""
+    return self.lo + np.flatnonzero(self.entries)
+
+  def at(self, symbol: int) -> int:
+    i = symbol - self.lo
+    return int(self.entries[i]) if 0 <= i < self.entries.size else 0
+
+  def total(self) -> int:
+    return sum(self.entries.tolist())  # exact (entries may reach 2^62)
+
+  def below(self, symbol: int) -> int:
+    """Sum of the entries of the symbols < `symbol`."""
+    return sum(self.entries[: max(0, symbol - self.lo)].tolist())
+
+
+def _read_table(r: Reader, alphabet: int, coder: str, what: str) -> Table:
+  """A stream's table: counts (ANS) or code lengths (Huffman) of symbols lo..lo+m-1."""
   lo = r.varint(f"{what} table start", alphabet)
   m = r.varint(f"{what} table size", alphabet - lo)
   limit = (1 << 62) if coder == "ans" else huffman_lib.FORMAT_MAX_LEN
   if m > r.remaining():
     r.fail(f"{what} table of {m} entries does not fit in the section")
-  table = np.zeros(alphabet, np.int64)
-  vals = [r.varint(f"{what} table entry", limit) for _ in range(m)]
-  table[lo : lo + m] = vals
-  return table
+  return Table(lo, r.varints(m, f"{what} table entry", limit))
 
 
 def check_raw_section(layer: Layer, start: int, end: int) -> None:
@@ -78,16 +103,17 @@ def check_raw_section(layer: Layer, start: int, end: int) -> None:
 def _check_tables(r: Reader, layer: Layer, tables: list, coder: str) -> None:
   """The stream tables agree with the header's symbol counts."""
   for table, count, what in tables:
-    present = np.flatnonzero(table)
+    present = table.present()
     if bool(count) != bool(present.size):
       r.fail(f"{what} table has {present.size} symbols for {count} coded symbols")
-    if coder == "ans" and present.size and int(table.sum()) != count:
-      r.fail(f"{what} counts sum to {int(table.sum())}, not {count}")
-    if coder == "huffman" and present.size == 1 and table[present[0]] != 1:
+    if coder == "ans" and present.size and table.total() != count:
+      r.fail(f"{what} counts sum to {table.total()}, not {count}")
+    if coder == "ans" and count > ans_lib.MAX_COUNT_TOTAL:
+      r.fail(f"{what} stream of {count} symbols exceeds the rANS limit {ans_lib.MAX_COUNT_TOTAL}")
+    if coder == "huffman" and present.size == 1 and table.at(int(present[0])) != 1:
       r.fail(f"single {what} symbol must have length 1")
   if coder == "ans" and layer.entry["npos"]:
-    run = layer.entry["run"]
-    non_escape = int(tables[0][0][:run].sum())
+    non_escape = tables[0][0].below(layer.entry["run"])
     if non_escape != layer.coded:
       r.fail(f"position counts give {non_escape} positions, not {layer.coded}")
 
@@ -142,57 +168,73 @@ def parse_coded_section(layer: Layer, data, start: int, end: int, coder: str):
 
 
 def decode_ans(layer: Layer, data, tables: list, payload_start: int, payload_end: int) -> None:
-  streams = [(count, table, np.flatnonzero(table)) for table, count, _ in tables]
-  decoded = ans_lib.decode(
-    data[payload_start:payload_end], streams, f"{layer.name} payload at file offset {payload_start}"
-  )
-  for (_, _, what), d in zip(tables, decoded):
+  """Decodes a section's rANS streams; their tables must be the exact symbol histograms."""
+  where = f"{layer.name} payload at file offset {payload_start}"
+  streams = [(count, table.entries, table.present()) for table, count, _ in tables]
+  decoded = ans_lib.decode(data[payload_start:payload_end], streams, where)
+  for (table, _, what), d in zip(tables, decoded):
+    hist = np.bincount(d - table.lo, minlength=table.entries.size) if d.size else table.entries
+    if hist.size != table.entries.size or not np.array_equal(hist, table.entries):
+      raise FormatError(f"{where}: the {what} table's counts differ from the decoded symbols")
     setattr(layer, what, d)
-  layer.pos_hist = tables[0][0]  # rANS tables are the exact histograms
-  layer.sym_hist = tables[1][0] if len(tables) > 1 else None
+  layer.pos_hist = tables[0][0].entries  # rANS tables are the exact histograms
+  layer.pos_escapes = tables[0][0].at(layer.entry["run"]) > 0
+  layer.sym_hist = tables[1][0].entries if len(tables) > 1 else None
+
+
+def _check_padding(stream: bytes, total_bits: int, pr: Reader, what: str, at: int) -> None:
+  """The bits after a Huffman stream's last lane, up to the byte boundary, must be 0."""
+  spare = -total_bits % 8
+  if spare and stream[-1] & ((1 << spare) - 1):
+    pr.fail(f"{what} bit stream has non-zero padding bits", at + len(stream) - 1)
 
 
 def queue_huffman(layer: Layer, data, tables: list, payload_start, payload_end, lane, queue):
-  """Reads lane lengths and slices the bit streams; returns the table bytes they need."""
+  """Reads lane lengths and slices the bit streams; returns the bytes decoding them needs."""
   pr = Reader(data, payload_start, payload_end, f"{layer.name} payload")
-  lane_info, table_bytes = [], 0
+  lane_info, need = [], 0
   for table, count, what in tables:
-    present = np.flatnonzero(table)
+    present = table.present()
     if count == 0 or present.size < 2:
       lane_info.append(None)
       continue
-    huffman_lib.check_lengths(table, f"{layer.name} {what} code")
+    huffman_lib.check_lengths(table.entries, f"{layer.name} {what} code")
     num_lanes = container.ceil_div(count, lane)
     if num_lanes > pr.remaining():
       pr.fail(f"{num_lanes} {what} lanes do not fit")
-    max_bits = lane * int(table.max())
-    bits = np.array([pr.varint(f"{what} lane bits", max_bits) for _ in range(num_lanes)], np.int64)
-    lane_info.append(bits)
-    table_bytes += 4 * huffman_lib.table_size(table)
+    max_bits = lane * int(table.entries.max())
+    lane_info.append(pr.varints(num_lanes, f"{what} lane bits", max_bits))
+    # Decode table (built, then concatenated: twice) and the per-lane columns.
+    need += 8 * huffman_lib.table_size(table.entries) + limits.PER_HUFFMAN_LANE * num_lanes
   for (table, count, what), bits in zip(tables, lane_info):
     if bits is None:
-      present = np.flatnonzero(table)
+      present = table.present()
       setattr(layer, what, np.full(count, present[0] if present.size else 0, np.int32))
       continue
-    nbytes = container.ceil_div(int(bits.sum()), 8)
+    total_bits = int(bits.sum())
     stream_start = pr.pos
-    payload = pr.take(nbytes, f"{what} bit stream")
+    payload = pr.take(container.ceil_div(total_bits, 8), f"{what} bit stream")
+    _check_padding(payload, total_bits, pr, what, stream_start)
     where = f"{layer.name} {what} stream at file offset {stream_start}"
-    queue.append((huffman_lib.Stream(table, count, bits, payload, where), layer, what))
+    stream = huffman_lib.Stream(table.entries, count, bits, payload, where)
+    queue.append((stream, layer, what, table.lo))
+    need += limits.PER_HUFFMAN_BYTE * len(payload)
   pr.expect_end("the Huffman streams")
-  return table_bytes
+  return need
 
 
-def decode_huffman(queue: list, lane: int, table_bytes: int, budget: int, limit: int) -> None:
-  total_payload = sum(len(s.payload) for s, _, _ in queue)
-  need = table_bytes + 10 * (total_payload + 3 * lane + 32)
+def decode_huffman(queue: list, lane: int, need: int, budget: int, limit: int) -> None:
+  """Decodes every queued Huffman stream of the file at once (lanes in lockstep)."""
+  need += limits.PER_HUFFMAN_BYTE * (3 * lane + 32)  # the shared buffer's zero padding
   if budget + need > limit:
     raise FormatError(
       f"Huffman decoding tables and buffers need {need} more bytes, beyond "
       f"the allowed {limit} (max_output_bytes)"
     )
-  decoded = huffman_lib.decode_streams([s for s, _, _ in queue], lane)
-  for (_, layer, what), d in zip(queue, decoded):
+  decoded = huffman_lib.decode_streams([s for s, _, _, _ in queue], lane)
+  for (_, layer, what, lo), d in zip(queue, decoded):
+    if lo:
+      d += np.int32(lo)
     setattr(layer, what, d)
 
 
@@ -231,7 +273,7 @@ def rebuild_raw(layer: Layer, data, start: int) -> np.ndarray:
 def rebuild_mask(layer: Layer) -> tuple[np.ndarray, np.ndarray]:
   """(keep-mask, flat indices of kept entries) from the decoded position stream."""
   run = layer.entry["run"]
-  escapes = layer.pos_hist is None or run >= layer.pos_hist.size or layer.pos_hist[run] > 0
+  escapes = layer.pos_escapes
   indices = positions_lib.decode(
     layer.pos, run, layer.coded, layer.size, f"{layer.name} position code", escapes=escapes
   )
