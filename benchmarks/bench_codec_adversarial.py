@@ -80,15 +80,20 @@ def _proc_status(key: str) -> int:
   return -1
 
 
-def one(path: str) -> dict:
+def one(path: str, max_arrays: int | None = None) -> dict:
   """Decodes one file in this process; returns time, peak memory and outcome."""
   import fq_jax as fq
 
+  kwargs = {}
+  if max_arrays is not None:  # raise the array-count limit (DecodeLimits, issue 14)
+    from fq_jax.codec import DecodeLimits
+
+    kwargs["limits"] = DecodeLimits(max_arrays=max_arrays)
   data = open(path, "rb").read()
   base_rss = _proc_status("VmHWM")
   t = time.perf_counter()
   try:
-    d = fq.decode_model(data)
+    d = fq.decode_model(data, **kwargs)
     outcome = f"decoded {len(d.arrays)} arrays"
   except fq.FormatError as e:
     outcome = f"FormatError: {str(e)[:160]}"
@@ -107,17 +112,25 @@ def one(path: str) -> dict:
 def main(argv=None) -> int:
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument("--one", help="decode this file in-process and print JSON")
+  p.add_argument("--max-arrays", type=int, help="DecodeLimits.max_arrays for --one")
+  p.add_argument("--raise-limit", action="store_true", help="also decode with max_arrays=400k")
   args = p.parse_args(argv)
   if args.one:
-    print(json.dumps(one(args.one)))
+    print(json.dumps(one(args.one, args.max_arrays)))
     return 0
   folder = tempfile.mkdtemp()
-  for name, make in (("positions", position_bomb), ("arrays", many_arrays)):
-    path = os.path.join(folder, f"{name}.fqz")
+  runs = [("positions", position_bomb, []), ("arrays", many_arrays, [])]
+  if args.raise_limit:
+    runs.append(("arrays, max_arrays=400000", many_arrays, ["--max-arrays", "400000"]))
+  for name, make, extra in runs:
+    path = os.path.join(folder, f"{name.split(',')[0]}.fqz")
     with open(path, "wb") as f:
       f.write(make())
     out = subprocess.run(
-      [sys.executable, __file__, "--one", path], capture_output=True, text=True, timeout=1200
+      [sys.executable, __file__, "--one", path, *extra],
+      capture_output=True,
+      text=True,
+      timeout=1200,
     )
     row = (
       json.loads(out.stdout.strip().splitlines()[-1]) if out.returncode == 0 else out.stderr[-300:]

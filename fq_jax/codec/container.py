@@ -246,7 +246,7 @@ def unpack(
       f"inflated header size {raw_len} at offset 16 exceeds the allowed "
       f"{max_header_bytes} bytes (DecodeLimits.max_header_bytes)"
     )
-  header = _inflate_json(header_bytes, raw_len, header_end)
+  header = _inflate_json(header_bytes, raw_len, header_end, max_arrays)
   arrays = header.get("arrays")
   if not isinstance(arrays, list):
     raise FormatError("header: 'arrays' must be a list")
@@ -282,7 +282,30 @@ def unpack(
   return header, spans, header_end
 
 
-def _inflate_json(header_bytes: bytes, raw_len: int, header_end: int) -> dict:
+class _TooManyEntries(Exception):
+  pass
+
+
+def _object_hook(max_arrays: int | None):
+  """`_unique_keys`, and stops parsing once more than `max_arrays` objects have a "path" key.
+
+  Every array entry is such an object, so a header declaring too many arrays is refused
+  while it is being parsed, at the cost of `max_arrays` entries, not of the whole header.
+  """
+  seen = [0]
+
+  def hook(pairs: list) -> dict:
+    out = _unique_keys(pairs)
+    if max_arrays is not None and "path" in out:
+      seen[0] += 1
+      if seen[0] > max_arrays:
+        raise _TooManyEntries
+    return out
+
+  return hook
+
+
+def _inflate_json(header_bytes: bytes, raw_len: int, header_end: int, max_arrays=None) -> dict:
   """The header's JSON object from its zlib bytes (exactly `raw_len` bytes once inflated)."""
   try:
     d = zlib.decompressobj()
@@ -299,8 +322,14 @@ def _inflate_json(header_bytes: bytes, raw_len: int, header_end: int) -> dict:
     )
   try:
     header = json.loads(
-      raw.decode("utf-8"), parse_constant=_reject_constant, object_pairs_hook=_unique_keys
+      raw.decode("utf-8"),
+      parse_constant=_reject_constant,
+      object_pairs_hook=_object_hook(max_arrays),
     )
+  except _TooManyEntries:
+    raise FormatError(
+      f"header: more than the allowed {max_arrays} array entries (DecodeLimits.max_arrays)"
+    ) from None
   except (UnicodeDecodeError, ValueError, RecursionError) as e:  # ValueError: JSONDecodeError
     raise FormatError(
       f"header (file bytes {PREAMBLE_SIZE}..{header_end}) is not valid "

@@ -78,4 +78,8 @@ def entropy_bits(symbols: np.ndarray, hist: np.ndarray | None = None) -> float:
   """Total zeroth-order entropy of a symbol stream (from its histogram if known)."""
   if symbols.size == 0:
     return 0.0
-  return container.entropy_bits(np.bincount(symbols) if hist is None else hist)
+  if hist is None:
+    # A histogram over the alphabet could be 2^24 entries for a handful of symbols.
+    small = int(symbols.max()) < 4 * symbols.size + 1024
+    hist = np.bincount(symbols) if small else np.unique(symbols, return_counts=True)[1]
+  return container.entropy_bits(hist)
