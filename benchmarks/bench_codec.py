@@ -52,8 +52,10 @@ import numpy as np  # noqa: E402
 
 import fq_jax as fq  # noqa: E402
 from fq_jax.codec import ans as ans_lib  # noqa: E402
+from fq_jax.codec import encode as encode_lib  # noqa: E402
 from fq_jax.codec import huffman as huffman_lib  # noqa: E402
-from fq_jax.codec import model as model_lib  # noqa: E402
+from fq_jax.codec import kernels as kernels_lib  # noqa: E402
+from fq_jax.codec import layout as layout_lib  # noqa: E402
 from fq_jax.codec import positions as positions_lib  # noqa: E402
 from fq_jax.codec import posttrain  # noqa: E402
 
@@ -122,8 +124,8 @@ def stream_symbols(arrays, focus):
     np.asarray(focus[p].assignment).reshape(-1)[np.asarray(focus[p].mask).reshape(-1)]
     for p in paths
   ]
-  params = [model_lib._focus_params(focus[p]) for p in paths]
-  symbols = model_lib.batched_symbols(weights, assigns, params)
+  params = [encode_lib.focus_params(focus[p]) for p in paths]
+  symbols = kernels_lib.batched_symbols(weights, assigns, params)
   for p, s, prm in zip(paths, symbols, params):
     _, idx, _ = positions_lib.coded_indices(np.asarray(focus[p].mask))
     run, _ = positions_lib.choose_run(positions_lib.gaps_of(idx))
@@ -135,7 +137,7 @@ def huffman_optimal_bytes(streams) -> float:
   """sum over streams of sum(count * code length) / 8: the Huffman payload alone."""
   total = 0
   for gaps, run, sym, prm in streams.values():
-    for s, alphabet in ((gaps, run + 1), (sym, model_lib._num_symbols(prm))):
+    for s, alphabet in ((gaps, run + 1), (sym, layout_lib.num_symbols(prm))):
       if s.size:
         counts = np.bincount(s, minlength=alphabet)
         total += huffman_lib.optimal_bits(counts, huffman_lib.code_lengths(counts))
@@ -147,19 +149,19 @@ def bench_model(name, arrays, focus, values, *, repeat=3):
   rows = {}
   streams = stream_symbols(arrays, focus)
   precomputed = [streams[p][2].astype(np.int32) for p in focus]
-  real_symbols, real_values = model_lib.batched_symbols, model_lib.batched_values
+  real_symbols, real_values = kernels_lib.batched_symbols, kernels_lib.batched_values
   for coder in ("ans", "huffman"):
     enc_t, data = timed(lambda: fq.encode_model(arrays, focus=focus, coder=coder), repeat)
     enc_wall = LAST_WALL[0]
     dec_t, decoded = timed(lambda: fq.decode_model(data, max_output_bytes=1 << 34), repeat)
     dec_wall = LAST_WALL[0]
-    model_lib.batched_symbols = lambda w, a, p: precomputed
-    model_lib.batched_values = lambda s, p, dt: [np.zeros(x.size, dt) for x in s]
+    kernels_lib.batched_symbols = lambda w, a, p: precomputed
+    kernels_lib.batched_values = lambda s, p, dt: [np.zeros(x.size, dt) for x in s]
     try:
       enc_core, data2 = timed(lambda: fq.encode_model(arrays, focus=focus, coder=coder), repeat)
       dec_core, _ = timed(lambda: fq.decode_model(data2, max_output_bytes=1 << 34), repeat)
     finally:
-      model_lib.batched_symbols, model_lib.batched_values = real_symbols, real_values
+      kernels_lib.batched_symbols, kernels_lib.batched_values = real_symbols, real_values
     assert data2 == data
     s = fq.artifact_summary(decoded)
     rows[coder] = dict(

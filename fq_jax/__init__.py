@@ -59,7 +59,9 @@ from fq_jax._src.transforms import (
 )
 from fq_jax.codec import (
   DecodedModel,
+  DecodeLimits,
   FormatError,
+  ModelMetadata,
   artifact_summary,
   decode_model,
   encode_model,
@@ -82,6 +84,8 @@ from fq_jax.integer import (
 )
 
 __all__ = [
+  "DecodeLimits",
+  "ModelMetadata",
   "ActivationScale",
   "apply_masks",
   "apply_quantized",

@@ -133,6 +133,24 @@ class Reader:
       self.fail(f"{what} = {value} exceeds its limit {limit}", start)
     return value
 
+  def varints(self, n: int, what: str, limit: int = (1 << 63) - 1) -> np.ndarray:
+    """Reads `n` varints (as `varint` would, same errors) into an int64 array, vectorized."""
+    if n <= 0:
+      return np.zeros(0, np.int64)
+    window = np.frombuffer(self.data, np.uint8, min(self.end - self.pos, 10 * n), self.pos)
+    ends = np.flatnonzero(window < 0x80)[:n]
+    if ends.size == n:
+      starts = np.concatenate([[0], ends[:-1] + 1])
+      if int((ends - starts).max()) < 9:  # 10-byte varints take the exact scalar path
+        used = window[: int(ends[-1]) + 1]
+        group = np.repeat(np.arange(n), ends - starts + 1)
+        shift = ((np.arange(used.size) - starts[group]) * 7).astype(np.uint64)
+        values = np.add.reduceat((used & 0x7F).astype(np.uint64) << shift, starts)
+        if not (values > np.uint64(limit)).any():
+          self.pos += int(ends[-1]) + 1
+          return values.astype(np.int64)
+    return np.array([self.varint(what, limit) for _ in range(n)], np.int64)  # the exact error
+
   def take(self, n: int, what: str) -> bytes:
     if n < 0 or n > self.end - self.pos:
       self.fail(f"{what} needs {n} bytes but only {self.end - self.pos} remain")
@@ -183,13 +201,16 @@ def pack(header: dict, sections: list[bytes]) -> bytes:
   return b"".join([head, struct.pack("<I", crc), stored, *sections])
 
 
-def unpack(data, max_header_bytes: int = MAX_HEADER_RAW) -> tuple[dict, list[tuple[int, int]], int]:
+def unpack(
+  data, max_header_bytes: int = MAX_HEADER_RAW, max_arrays: int | None = None
+) -> tuple[dict, list[tuple[int, int]], int]:
   """Validates the frame; returns (header dict, [(section start, end)], header end).
 
   Checks the magic, version, header CRC, inflated size, JSON syntax and that
   the declared sections tile the file exactly with matching CRCs. The header's
   content (shapes, kinds, ...) is validated by the caller. `max_header_bytes`
-  caps the inflated JSON (parsed JSON takes ~10x its size in memory).
+  caps the inflated JSON (parsed JSON takes ~10x its size in memory); `max_arrays` the number
+  of array entries (checked before any per-entry work).
   """
   size = len(data)
   if size < PREAMBLE_SIZE:
@@ -223,33 +244,17 @@ def unpack(data, max_header_bytes: int = MAX_HEADER_RAW) -> tuple[dict, list[tup
   if raw_len > max_header_bytes:
     raise FormatError(
       f"inflated header size {raw_len} at offset 16 exceeds the allowed "
-      f"{max_header_bytes} bytes (max_output_bytes / 16)"
+      f"{max_header_bytes} bytes (DecodeLimits.max_header_bytes)"
     )
-  try:
-    d = zlib.decompressobj()
-    raw = d.decompress(header_bytes, raw_len + 1)
-    ok = len(raw) == raw_len and d.eof and not d.unused_data and not d.unconsumed_tail
-  except zlib.error as e:
-    raise FormatError(
-      f"header (file bytes {PREAMBLE_SIZE}..{header_end}) does not inflate: {e}"
-    ) from None
-  if not ok:
-    raise FormatError(
-      f"header (file bytes {PREAMBLE_SIZE}..{header_end}) inflates to "
-      f"{len(raw)} bytes, not the {raw_len} declared at offset 16"
-    )
-  try:
-    header = json.loads(raw.decode("utf-8"), parse_constant=_reject_constant)
-  except Exception as e:  # UnicodeDecodeError, JSONDecodeError, RecursionError, ValueError
-    raise FormatError(
-      f"header (file bytes {PREAMBLE_SIZE}..{header_end}) is not valid "
-      f"UTF-8 JSON: {type(e).__name__}: {e}"[:400]
-    ) from None
-  if not isinstance(header, dict):
-    raise FormatError(f"header (file bytes {PREAMBLE_SIZE}..{header_end}) is not a JSON object")
+  header = _inflate_json(header_bytes, raw_len, header_end, max_arrays)
   arrays = header.get("arrays")
   if not isinstance(arrays, list):
     raise FormatError("header: 'arrays' must be a list")
+  if max_arrays is not None and len(arrays) > max_arrays:
+    raise FormatError(
+      f"header: {len(arrays)} array entries, more than the allowed {max_arrays} "
+      "(DecodeLimits.max_arrays)"
+    )
   spans = []
   pos = header_end
   for i, entry in enumerate(arrays):
@@ -275,6 +280,74 @@ def unpack(data, max_header_bytes: int = MAX_HEADER_RAW) -> tuple[dict, list[tup
         f"mismatch (stored {entry['crc']:#010x}, computed {actual:#010x})"
       )
   return header, spans, header_end
+
+
+class _TooManyEntries(Exception):
+  pass
+
+
+def _object_hook(max_arrays: int | None):
+  """`_unique_keys`, and stops parsing once more than `max_arrays` objects have a "path" key.
+
+  Every array entry is such an object, so a header declaring too many arrays is refused
+  while it is being parsed, at the cost of `max_arrays` entries, not of the whole header.
+  """
+  seen = [0]
+
+  def hook(pairs: list) -> dict:
+    out = _unique_keys(pairs)
+    if max_arrays is not None and "path" in out:
+      seen[0] += 1
+      if seen[0] > max_arrays:
+        raise _TooManyEntries
+    return out
+
+  return hook
+
+
+def _inflate_json(header_bytes: bytes, raw_len: int, header_end: int, max_arrays=None) -> dict:
+  """The header's JSON object from its zlib bytes (exactly `raw_len` bytes once inflated)."""
+  try:
+    d = zlib.decompressobj()
+    raw = d.decompress(header_bytes, raw_len + 1)
+    ok = len(raw) == raw_len and d.eof and not d.unused_data and not d.unconsumed_tail
+  except zlib.error as e:
+    raise FormatError(
+      f"header (file bytes {PREAMBLE_SIZE}..{header_end}) does not inflate: {e}"
+    ) from None
+  if not ok:
+    raise FormatError(
+      f"header (file bytes {PREAMBLE_SIZE}..{header_end}) inflates to "
+      f"{len(raw)} bytes, not the {raw_len} declared at offset 16"
+    )
+  try:
+    header = json.loads(
+      raw.decode("utf-8"),
+      parse_constant=_reject_constant,
+      object_pairs_hook=_object_hook(max_arrays),
+    )
+  except _TooManyEntries:
+    raise FormatError(
+      f"header: more than the allowed {max_arrays} array entries (DecodeLimits.max_arrays)"
+    ) from None
+  except (UnicodeDecodeError, ValueError, RecursionError) as e:  # ValueError: JSONDecodeError
+    raise FormatError(
+      f"header (file bytes {PREAMBLE_SIZE}..{header_end}) is not valid "
+      f"UTF-8 JSON: {type(e).__name__}: {e}"[:400]
+    ) from None
+  if not isinstance(header, dict):
+    raise FormatError(f"header (file bytes {PREAMBLE_SIZE}..{header_end}) is not a JSON object")
+  return header
+
+
+def _unique_keys(pairs: list) -> dict:
+  """JSON objects with a key twice are malformed (RFC 8259 leaves them undefined)."""
+  out = dict(pairs)
+  if len(out) != len(pairs):
+    seen = set()
+    dup = next(k for k, _ in pairs if k in seen or seen.add(k))
+    raise ValueError(f"duplicate key {dup[:80]!r} in a JSON object")
+  return out
 
 
 def _reject_constant(name):

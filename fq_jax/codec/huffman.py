@@ -247,14 +247,8 @@ def _table(lengths: np.ndarray) -> np.ndarray:
   return np.repeat(packed, np.left_shift(np.int64(1), top - ls))
 
 
-def decode_streams(streams: Sequence[Stream], lane: int) -> list[np.ndarray]:
-  """Decodes all `streams` together, lanes in lockstep; returns int32 symbol arrays.
-
-  Raises FormatError (naming the stream's `where`) when a lane does not end
-  exactly at its declared bit length.
-  """
-  if not streams:
-    return []
+def _windows(streams: Sequence[Stream], lane: int) -> tuple[np.ndarray, np.ndarray]:
+  """(byte offset of each payload, big-endian 64-bit window at every byte of all payloads)."""
   # Global buffer of all payloads; a lane decoding garbage can run at most
   # lane * 24 bits past its start, so that much zero padding keeps every
   # window read in bounds.
@@ -267,8 +261,11 @@ def decode_streams(streams: Sequence[Stream], lane: int) -> list[np.ndarray]:
     buf[off : off + len(s.payload)] = np.frombuffer(s.payload, np.uint8)
   as_words = np.frombuffer(buf.tobytes(), dtype=">u8")
   windows = np.lib.stride_tricks.as_strided(as_words, shape=(total - 8,), strides=(1,))
-  windows = windows.astype(np.uint64)  # big-endian 64-bit window at every byte
+  return offsets, windows.astype(np.uint64)
 
+
+def _lanes(streams: Sequence[Stream], lane: int, offsets: np.ndarray) -> dict:
+  """Every lane of every stream, sorted by symbol count (active lanes form a prefix)."""
   tables, bases, shifts = [], [], []
   base = 0
   for s in streams:
@@ -277,34 +274,42 @@ def decode_streams(streams: Sequence[Stream], lane: int) -> list[np.ndarray]:
     bases.append(base)
     shifts.append(64 - int(s.lengths.max()))
     base += t.size
-  table = np.concatenate(tables)
-
-  lane_start, lane_end, lane_count, lane_base, lane_shift, lane_stream = [], [], [], [], [], []
+  cols = {k: [] for k in ("start", "end", "count", "base", "shift", "stream")}
   for k, s in enumerate(streams):
     nl = s.lane_bits.size
     counts = np.full(nl, lane, np.int64)
     counts[-1] = s.count - lane * (nl - 1)
     ends = np.cumsum(s.lane_bits) + 8 * int(offsets[k])
-    lane_start.append(ends - s.lane_bits)
-    lane_end.append(ends)
-    lane_count.append(counts)
-    lane_base.append(np.full(nl, bases[k], np.int64))
-    lane_shift.append(np.full(nl, shifts[k], np.int64))
-    lane_stream.append(np.full(nl, k, np.int64))
-  cat = lambda xs: np.concatenate(xs)
-  counts = cat(lane_count)
-  order = np.argsort(-counts, kind="stable")  # active lanes form a prefix
-  counts = counts[order]
-  pos = cat(lane_start)[order].astype(np.uint64)
-  end = cat(lane_end)[order].astype(np.uint64)
-  tb = cat(lane_base)[order].astype(np.uint64)
-  sh = cat(lane_shift)[order].astype(np.uint64)
-  stream_of = cat(lane_stream)[order]
+    cols["start"].append(ends - s.lane_bits)
+    cols["end"].append(ends)
+    cols["count"].append(counts)
+    cols["base"].append(np.full(nl, bases[k], np.int64))
+    cols["shift"].append(np.full(nl, shifts[k], np.int64))
+    cols["stream"].append(np.full(nl, k, np.int64))
+  cat = {k: np.concatenate(v) for k, v in cols.items()}
+  order = np.argsort(-cat["count"], kind="stable")
+  return dict(
+    table=np.concatenate(tables),
+    order=order,
+    counts=cat["count"][order],
+    pos=cat["start"][order].astype(np.uint64),
+    end=cat["end"][order].astype(np.uint64),
+    base=cat["base"][order].astype(np.uint64),
+    shift=cat["shift"][order].astype(np.uint64),
+    stream=cat["stream"][order],
+  )
 
+
+def _run_lanes(lanes: dict, windows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  """Decodes all lanes in lockstep; returns (packed table entries, step bases).
+
+  Lanes with count > t are the first active[t]; step t's symbols go to
+  out[base[t]:base[t] + active[t]], so lane slot j's t-th symbol is at base[t] + j.
+  `lanes["pos"]` is advanced in place to each lane's end.
+  """
+  counts, pos, sh, tb, table = (lanes[k] for k in ("counts", "pos", "shift", "base", "table"))
   steps = int(counts[0])
   num_lanes = counts.size
-  # Lanes with count > t are the first active[t]; step t's symbols go to
-  # out[base[t]:base[t] + active[t]], so lane slot j's t-th symbol is at base[t] + j.
   active = np.searchsorted(-counts, -np.arange(steps), side="left")
   step_base = np.concatenate([[0], np.cumsum(active)])
   out = np.empty(int(step_base[-1]), np.uint32)
@@ -326,10 +331,24 @@ def decode_streams(streams: Sequence[Stream], lane: int) -> list[np.ndarray]:
     np.take(table, w[:a], out=out[b : b + a])
     np.bitwise_and(out[b : b + a], np.uint32(31), out=e[:a])
     np.add(p, e[:a], out=p, casting="unsafe")
+  return out, step_base
 
+
+def decode_streams(streams: Sequence[Stream], lane: int) -> list[np.ndarray]:
+  """Decodes all `streams` together, lanes in lockstep; returns int32 symbol arrays.
+
+  Raises FormatError (naming the stream's `where`) when a lane does not end
+  exactly at its declared bit length.
+  """
+  if not streams:
+    return []
+  offsets, windows = _windows(streams, lane)
+  lanes = _lanes(streams, lane, offsets)
+  out, step_base = _run_lanes(lanes, windows)
+  pos, end = lanes["pos"], lanes["end"]
   bad = np.flatnonzero(pos != end)
   if bad.size:
-    s = streams[int(stream_of[bad[0]])]
+    s = streams[int(lanes["stream"][bad[0]])]
     raise FormatError(
       f"{s.where}: a Huffman lane ends at bit {int(pos[bad[0]])}, "
       f"not at its declared end {int(end[bad[0]])}"
@@ -337,8 +356,9 @@ def decode_streams(streams: Sequence[Stream], lane: int) -> list[np.ndarray]:
   np.right_shift(out, np.uint32(5), out=out)
   # Reassemble each stream from its lanes (the stable sort kept each stream's
   # lanes in order).
+  num_lanes = pos.size
   slot_of = np.empty(num_lanes, np.int64)
-  slot_of[order] = np.arange(num_lanes)
+  slot_of[lanes["order"]] = np.arange(num_lanes)
   results = []
   lane_idx = 0
   for s in streams:

@@ -20,7 +20,7 @@ from fq_jax._src import masks as masks_lib
 from fq_jax._src import quantizers
 from fq_jax._src import rules as rules_lib
 from fq_jax.codec import encode_model
-from fq_jax.codec.model import dtype_name
+from fq_jax.codec.layout import dtype_name
 
 # Compresses every floating array of rank >= 2 that no earlier rule claims, whatever its name
 # (an .npz from PyTorch has no Flax "kernel" paths).
