@@ -114,8 +114,8 @@ def decode_train(
     box = tuple(c / scale for c in box) if scale != 1.0 else box
   out = np.asarray(_rgb(image).resize((image_size, image_size), Image.BILINEAR, box=box))
   if rng.random() < 0.5:
-    out = out[:, ::-1]
-  return np.ascontiguousarray(out)
+    out = out[:, ::-1]  # a view: batching copies it once anyway
+  return out
 
 
 def decode_eval(
@@ -409,7 +409,8 @@ class GrainImageNetLoader:
 
     ds = self.dataset(epoch, start_step)
     if self.num_workers == 0:
-      return iter(ds)
+      # Sequentially in this thread (iterating a MapDataset would start grain's read threads).
+      return (ds[k] for k in range(len(ds)))
     if not flags.FLAGS.is_parsed():
       # grain reads its absl flags when starting workers; outside an absl app (tests,
       # notebooks) take their defaults rather than fail.
