@@ -110,6 +110,7 @@ def test_export_gives_back_the_same_state_dict(case):
     np.testing.assert_array_equal(net(torch.from_numpy(case.x)).numpy(), case.logits)
 
 
+@pytest.mark.parametrize("case", ["resnet50"], indirect=True)  # the example
 def test_cli_writes_init_from_npz_with_the_same_logits(case, tmp_path):
   pth = tmp_path / "weights.pth"
   torch.save(case.net.state_dict(), pth)
@@ -130,6 +131,7 @@ def test_cli_writes_init_from_npz_with_the_same_logits(case, tmp_path):
   _assert_same_logits(_flax_logits(case, variables), case.logits)
 
 
+@pytest.mark.parametrize("case", ["mobilenet_v2"], indirect=True)
 def test_npz_of_torch_keys_reads_like_the_pth(case, tmp_path):
   path = tmp_path / "weights.npz"
   np.savez(path, **case.state)
