@@ -25,7 +25,7 @@ import sys
 from collections.abc import Callable
 
 from fq_jax._src import tables
-from fq_jax.cli import compress, decompress, evaluate, inspect
+from fq_jax.cli import compress, decompress, evaluate, import_torch, inspect
 from fq_jax.cli.common import CLIError
 
 __all__ = ["COMMANDS", "CLIError", "Command", "build_parser", "main"]
@@ -51,8 +51,13 @@ class Command:
 
 
 COMMANDS: list[Command] = [
-  Command(name=m.__name__.rsplit(".", 1)[-1], help=m.HELP, add_arguments=m.add_arguments, run=m.run)
-  for m in (compress, inspect, decompress, evaluate)
+  Command(
+    name=getattr(m, "NAME", m.__name__.rsplit(".", 1)[-1]),
+    help=m.HELP,
+    add_arguments=m.add_arguments,
+    run=m.run,
+  )
+  for m in (compress, inspect, decompress, evaluate, import_torch)
 ]
 
 
