@@ -64,6 +64,8 @@ run() {  # run NAME DEPTH [extra overrides...]
 }
 
 : > "$OUT/walls.txt"
+# Stop the background runs too if this script is interrupted.
+trap 'kill $(jobs -p) 2>/dev/null || true' INT TERM
 t0=$(date +%s)
 pids=()
 for d in $DEPTHS; do
