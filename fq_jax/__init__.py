@@ -26,10 +26,12 @@ from fq_jax._src.masks import (
   apply_masks,
   dns_mask,
   dns_masks,
+  dns_target_mask,
   dns_threshold,
   magnitude_mask,
   magnitude_masks,
   sparsity_of,
+  sparsity_report,
 )
 from fq_jax._src.quantizers import (
   FocusState,
@@ -106,6 +108,7 @@ __all__ = [
   "dns_mask",
   "dns_masks",
   "dns_pruning",
+  "dns_target_mask",
   "dns_threshold",
   "empirical_entropy",
   "encode_model",
@@ -156,6 +159,7 @@ __all__ = [
   "shift_add",
   "shift_quantize",
   "sparsity_of",
+  "sparsity_report",
   "uniform_codebook",
   "uniform_levels",
   "wasserstein_separation",

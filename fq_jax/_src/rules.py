@@ -15,6 +15,8 @@ Example (first convolution at 8 bits and dense, everything else default):
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
 import re
 from collections.abc import Sequence
 from typing import Any
@@ -34,6 +36,10 @@ class Rule:
     prune: whether the leaf gets a sparsity mask.
     quantize: whether the leaf is focused-quantized.
     sparsity: target fraction of pruned weights; None takes the global one.
+    sensitivity: DNS's per-layer `a` in t = mean|W| + a * std|W| (Guo et al.
+      2016): these leaves are pruned by that threshold instead of towards a
+      target sparsity (DNS and magnitude pruning); None takes the global
+      setting. Exclusive with `sparsity`.
     bits: weight bit-width n; None takes the global one.
     w_sep: Wasserstein separation threshold; None takes the global one.
     recentralize: False forces plain shift quantization for these leaves.
@@ -45,6 +51,7 @@ class Rule:
   prune: bool = True
   quantize: bool = True
   sparsity: float | None = None
+  sensitivity: float | None = None
   bits: int | None = None
   w_sep: float | None = None
   recentralize: bool = True
@@ -56,6 +63,9 @@ class Rule:
     except re.error as e:
       raise ValueError(f"Rule pattern {self.pattern!r} is not a regex: {e}") from None
     _check_sparsity(self.sparsity, f"Rule(pattern={self.pattern!r}).sparsity")
+    _check_sensitivity(self.sensitivity, f"Rule(pattern={self.pattern!r}).sensitivity")
+    if self.sparsity is not None and self.sensitivity is not None:
+      raise ValueError(f"Rule(pattern={self.pattern!r}): give sparsity or sensitivity, not both")
     _check_bits(self.bits, f"Rule(pattern={self.pattern!r}).bits")
 
 
@@ -70,11 +80,23 @@ class LayerSpec:
   bits: int
   w_sep: float
   recentralize: bool
+  # Set when the leaf is pruned by the DNS threshold t = mean|W| + a * std|W|
+  # instead of towards `sparsity`.
+  sensitivity: float | None = None
 
 
 def _check_sparsity(sparsity, where):
   if sparsity is not None and not 0.0 <= sparsity < 1.0:
     raise ValueError(f"{where}: sparsity must be in [0, 1), got {sparsity}")
+
+
+def _check_sensitivity(sensitivity, where):
+  if sensitivity is not None and not (
+    isinstance(sensitivity, numbers.Real)
+    and not isinstance(sensitivity, bool)
+    and math.isfinite(sensitivity)
+  ):
+    raise ValueError(f"{where}: sensitivity must be a finite number, got {sensitivity!r}")
 
 
 def _check_bits(bits, where):
@@ -109,6 +131,15 @@ def leaf_paths(tree) -> Any:
   return jax.tree_util.tree_map_with_path(lambda p, _: path_str(p), tree)
 
 
+def _leaf_sensitivity(rule: Rule, sensitivity: float | None) -> float | None:
+  """A rule's own setting wins: its sensitivity, or None if it sets a sparsity."""
+  if rule.sensitivity is not None:
+    return float(rule.sensitivity)
+  if rule.sparsity is not None or sensitivity is None:
+    return None
+  return float(sensitivity)
+
+
 def resolve(
   params,
   rules: Sequence[Rule] = DEFAULT_RULES,
@@ -116,6 +147,7 @@ def resolve(
   sparsity: float = 0.0,
   bits: int = 5,
   w_sep: float = 2.0,
+  sensitivity: float | None = None,
 ) -> Any:
   """Resolves the rules for every leaf of `params`.
 
@@ -125,6 +157,9 @@ def resolve(
     sparsity: global default sparsity for rules that do not set one.
     bits: global default bit-width.
     w_sep: global default Wasserstein separation threshold.
+    sensitivity: global DNS sensitivity `a` for pruned leaves whose rule sets
+      neither `sparsity` nor `sensitivity`; None prunes them towards
+      `sparsity`.
 
   Returns:
     A tree like `params` whose leaves are a `LayerSpec`, or None for leaves
@@ -136,6 +171,7 @@ def resolve(
   """
   _check_sparsity(sparsity, "sparsity")
   _check_bits(bits, "bits")
+  _check_sensitivity(sensitivity, "sensitivity")
   compiled = [(re.compile(r.pattern), r) for r in rules]
 
   def one(path, leaf):
@@ -154,6 +190,7 @@ def resolve(
           bits=bits if rule.bits is None else rule.bits,
           w_sep=w_sep if rule.w_sep is None else rule.w_sep,
           recentralize=rule.recentralize,
+          sensitivity=_leaf_sensitivity(rule, sensitivity) if rule.prune else None,
         )
     return None
 

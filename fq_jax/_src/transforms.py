@@ -246,6 +246,7 @@ def dns_pruning(
   sensitivity: float | None = None,
   rules: Sequence[rules_lib.Rule] = rules_lib.DEFAULT_RULES,
   update_every: int = 1,
+  scope: Literal["layer", "global"] = "layer",
 ) -> optax.GradientTransformationExtraArgs:
   """Dynamic Network Surgery: prune and splice while `inner` trains.
 
@@ -257,10 +258,14 @@ def dns_pruning(
 
   Args:
     inner: the optimizer of the float weights.
-    sparsity: per-layer target sparsity (rule sparsities override), or
-    sensitivity: DNS's `a` (exactly one of the two).
+    sparsity: target sparsity, met exactly by every mask update (per layer,
+      or in total with scope "global"; rule sparsities override), or
+    sensitivity: DNS's `a` in t = mean|W| + a * std|W| (exactly one of the
+      two; a rule's own `sensitivity` overrides either for its leaves).
     rules: selection rules.
     update_every: updates between mask updates.
+    scope: "layer" (each layer at its target) or "global" (one threshold over
+      the layers that follow the global `sparsity`); see `fq.dns_masks`.
 
   Returns:
     An optax `GradientTransformationExtraArgs` (needs `params` in update).
@@ -269,6 +274,10 @@ def dns_pruning(
     raise ValueError("dns_pruning: give exactly one of sparsity= and sensitivity=")
   if update_every < 1:
     raise ValueError(f"update_every must be >= 1, got {update_every}")
+  if scope not in ("layer", "global") or (scope == "global" and sparsity is None):
+    raise ValueError(
+      f"dns_pruning: scope must be 'layer', or 'global' with sparsity=; got {scope!r}"
+    )
 
   def init(params):
     specs = rules_lib.resolve(params, rules, sparsity=sparsity or 0.0)
@@ -284,7 +293,12 @@ def dns_pruning(
     masks = jax.lax.cond(
       count % update_every == 0,
       lambda: masks_lib.dns_masks(
-        new_params, state.masks, sparsity=sparsity, sensitivity=sensitivity, rules=rules
+        new_params,
+        state.masks,
+        sparsity=sparsity,
+        sensitivity=sensitivity,
+        rules=rules,
+        scope=scope,
       ),
       lambda: state.masks,
     )
