@@ -33,6 +33,11 @@ BN_MOMENTUM = 0.9  # PyTorch momentum 0.1 on the new statistic
 RESNET_STEM = 64
 # Width (planes) of the four ResNet stages; a block outputs planes * block_cls.expansion.
 RESNET_STAGE_PLANES: tuple[int, ...] = (64, 128, 256, 512)
+# Blocks per stage of each ImageNet ResNet (He et al. 2016, Table 1).
+RESNET_STAGE_SIZES: dict[str, tuple[int, ...]] = {
+  "resnet18": (2, 2, 2, 2),
+  "resnet50": (3, 4, 6, 3),
+}
 MOBILENET_STEM = 32  # conv_init channels of both MobileNets at width 1
 MOBILENET_V2_LAST = 1280  # conv_last channels of MobileNet-V2 at width <= 1
 
@@ -208,7 +213,9 @@ def resnet18(num_classes: int = 1000, dtype: Any = jnp.float32, **kwargs: Any) -
   Returns:
     The (unbound) module.
   """
-  return ResNet((2, 2, 2, 2), BasicBlock, num_classes=num_classes, dtype=dtype, **kwargs)
+  return ResNet(
+    RESNET_STAGE_SIZES["resnet18"], BasicBlock, num_classes=num_classes, dtype=dtype, **kwargs
+  )
 
 
 def resnet50(num_classes: int = 1000, dtype: Any = jnp.float32, **kwargs: Any) -> ResNet:
@@ -222,7 +229,9 @@ def resnet50(num_classes: int = 1000, dtype: Any = jnp.float32, **kwargs: Any) -
   Returns:
     The (unbound) module.
   """
-  return ResNet((3, 4, 6, 3), Bottleneck, num_classes=num_classes, dtype=dtype, **kwargs)
+  return ResNet(
+    RESNET_STAGE_SIZES["resnet50"], Bottleneck, num_classes=num_classes, dtype=dtype, **kwargs
+  )
 
 
 # --------------------------------------------------------------------------------------------

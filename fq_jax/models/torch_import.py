@@ -291,7 +291,11 @@ TORCHVISION_ARCHS: tuple[str, ...] = ("resnet18", "resnet50", "mobilenet_v2")
 
 # Blocks per stage of the torchvision ResNets; ResNet-50 uses the v1.5 bottleneck (stride on
 # the 3x3 conv), which is also what the Flax `Bottleneck` does.
-_RESNET_STAGES = {"resnet18": ((2, 2, 2, 2), 2), "resnet50": ((3, 4, 6, 3), 3)}
+# (blocks per stage, convolutions per block): the block tables of fq_jax.models.imagenet.
+_RESNET_STAGES = {
+  "resnet18": (imagenet.RESNET_STAGE_SIZES["resnet18"], 2),
+  "resnet50": (imagenet.RESNET_STAGE_SIZES["resnet50"], 3),
+}
 
 
 class _Table:
@@ -390,7 +394,7 @@ def torchvision_key_map(arch: str) -> dict[str, _Entry]:
   t.conv("features.0.0", ("conv_init",))
   t.bn("features.0.1", ("bn_init",))
   i = 0
-  for expand, _, repeats, _ in imagenet._MOBILENET_V2_SETTINGS:
+  for expand, _, repeats, _ in imagenet.MOBILENET_V2_SETTINGS:
     for _ in range(repeats):
       torch_block, block = f"features.{i + 1}.conv", f"block{i}"
       layers = ["dw", "project"] if expand == 1 else ["expand", "dw", "project"]
