@@ -4,8 +4,12 @@
     python train.py --config=configs/cifar10_resnet.py --workdir=/tmp/r20 \
         --config.init_from=../shared/models/resnet20-cifar10.npz --config.quant.bits=5
 
-Rerunning the same command resumes from the newest checkpoint in --workdir.
-A bad setting stops with a one-line `error: <key>: ...`. Multi-host: pass
+Rerunning the same command resumes from the newest intact checkpoint in
+--workdir. The whole config is checked before the first step: a bad setting
+stops with a one-line `error: <key>: ...`. A stage length given on the
+command line in one unit replaces the config file's length in the other
+(`--config.prune.steps=100` clears the file's `prune.epochs`); docs/pipeline.md
+lists every key. Multi-host: pass
 --distributed (or set FQ_JAX_DISTRIBUTED=1) to call jax.distributed.initialize().
 """
 
@@ -52,6 +56,18 @@ def _parse_flags(argv):
     sys.exit(f"error: {parse_override_error(argv, e)}")
 
 
+def _apply_length_overrides(config, overrides) -> None:
+  """A length given on the command line in one unit clears the config file's other unit."""
+  from fq_jax.pipeline.configuration import LENGTH_KEYS
+
+  for section, pairs in LENGTH_KEYS.items():
+    for epochs_key, steps_key in pairs:
+      given = {k for k in (epochs_key, steps_key) if f"{section}.{k}" in overrides}
+      if len(given) == 1:
+        other = steps_key if epochs_key in given else epochs_key
+        config[section][other] = None
+
+
 def main(argv):
   if len(argv) > 1:
     sys.exit(f"error: unexpected arguments: {' '.join(argv[1:])}")
@@ -73,6 +89,7 @@ def main(argv):
   except Exception as e:  # noqa: BLE001
     reason = "file not found" if not os.path.isfile(config_path) else str(e).splitlines()[0]
     sys.exit(f"error: config: cannot load {config_path}: {reason}")
+  _apply_length_overrides(config, config_flags.get_override_values(FLAGS["config"]))
   workdir = FLAGS.workdir
   if not workdir:
     name = os.path.splitext(os.path.basename(config_path))[0]

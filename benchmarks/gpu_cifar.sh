@@ -8,19 +8,18 @@
 #   benchmarks/gpu_cifar.sh [OUT_DIR] [--config.key=value ...]
 #
 # Runs, from the shipped PyTorch checkpoints (../shared/models/resnet{20,56}-cifar10.npz),
-# with dense_epochs=0 and everything else the config's default (DNS to
+# with dense.epochs=0 and everything else the config's default (DNS to
 # prune.sparsity, INQ 25/50/75/87.5/100% with refits, final fine-tuning, model.fqz):
 #   r20 / r20_ref / r56 / r56_ref   (*_ref: --config.reference_only=true, the float
 #                                     model fine-tuned for the same number of steps)
 # and writes OUT_DIR/summary.md: accuracy as imported, reference, compressed, loss
 # against the reference, sparsity requested/reached, file ratio and wall time per run.
 #
-# Config keys used (names as of issue 12; a config restructure may move the stage
-# keys, e.g. prune_epochs -> prune.epochs; adjust COMMON and the summary if so):
-#   --config, --config.init_from, --config.model.depth, --config.dense_epochs,
+# Config keys used (docs/pipeline.md):
+#   --config, --config.init_from, --config.model.depth, --config.dense.epochs,
 #   --config.reference_only, --config.progress_bar, and prune.sparsity (read from the
 #   config or an override, for the summary). The schedule itself is the config's:
-#   prune_epochs, quant_epochs_per_step, quant.final_epochs.
+#   prune.epochs, quant.epochs_per_step, quant.final_epochs.
 #
 # Environment:
 #   FQ_JAX_SHARED  shared folder (default ../shared relative to the repo root)
@@ -58,7 +57,7 @@ run() {  # run NAME DEPTH [extra overrides...]
   start=$(date +%s)
   python train.py --workdir="$OUT/$name" --config=configs/cifar10_resnet.py \
     --config.init_from="$FQ_JAX_SHARED/models/resnet${depth}-cifar10.npz" \
-    --config.model.depth="$depth" --config.dense_epochs=0 --config.progress_bar=false \
+    --config.model.depth="$depth" --config.dense.epochs=0 --config.progress_bar=false \
     "$@" > "$OUT/$name.log" 2>&1
   echo "$name: $(($(date +%s) - start)) s wall" | tee -a "$OUT/walls.txt"
 }

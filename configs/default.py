@@ -1,12 +1,22 @@
 """Every key a run understands, with neutral defaults; the other configs start here.
 
-Override any key on the command line: `--config.prune.sparsity=0.8`. Epoch
-counts are floats (fractions of an epoch are allowed: 0.25 = a quarter of the
-training batches). Keys marked "contract" are the stable interface.
+docs/pipeline.md explains each key, stage by stage. Override any key on the
+command line: `--config.prune.sparsity=0.8`. A stage's length is given in
+epochs or in steps, one of the two (`--config.prune.steps=100` on the command
+line replaces the file's `prune.epochs`; setting both in one place is an
+error). Epochs are floats (0.25 = a quarter of the training batches). Keys
+marked "contract" are the stable interface.
 """
 
 import ml_collections
 from ml_collections import config_dict
+
+
+def _schedule(section, *, learning_rate, lr_schedule: str, decay_epochs=0.0, factor=0.1) -> None:
+  section.learning_rate = learning_rate
+  section.lr_schedule = lr_schedule  # cosine | step | constant, over the stage
+  section.lr_decay_epochs = decay_epochs  # step schedule: period in epochs
+  section.lr_decay_factor = factor  # step schedule: multiplier
 
 
 def get_config() -> ml_collections.ConfigDict:
@@ -14,19 +24,14 @@ def get_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
 
   c.model = ml_collections.ConfigDict()
-  c.model.name = (
-    "digits_cnn"  # digits_cnn, cifar_resnet, resnet18, resnet50, mobilenet_v1, mobilenet_v2
-  )
-  c.model.depth = config_dict.placeholder(
-    int
-  )  # contract; cifar_resnet only: 6n+2 (None: 20 or init_from's)
+  # digits_cnn, cifar_resnet, resnet18, resnet50, mobilenet_v1, mobilenet_v2
+  c.model.name = "digits_cnn"
+  c.model.depth = config_dict.placeholder(int)  # contract; cifar_resnet: 6n+2 (None: 20/init_from)
   c.model.dtype = "float32"  # computation dtype; parameters stay float32
 
   c.dataset = ml_collections.ConfigDict()
   c.dataset.name = "digits"  # digits, cifar10, imagenet2012
-  c.dataset.data_dir = (
-    ""  # cifar10: folder of cifar10-jpeg.tar.gz; imagenet: tfds data_dir ("" = default)
-  )
+  c.dataset.data_dir = ""  # cifar10: folder of cifar10-jpeg.tar.gz; imagenet: tfds data_dir
   c.dataset.augment = False  # cifar10: random crop + flip
   c.dataset.image_size = 224  # imagenet only
   c.dataset.resize_size = 256  # imagenet only: eval resize of the shorter side
@@ -41,43 +46,54 @@ def get_config() -> ml_collections.ConfigDict:
   c.steps_per_epoch = -1  # cap on training batches per epoch (-1: the whole split)
   c.eval_steps = -1  # cap on test batches per evaluation (-1: the whole split)
 
-  # Optimizer of every stage: SGD + momentum, L2 weight decay on kernels.
-  c.learning_rate = 0.1  # contract: dense stage (and prune/quant when theirs is None)
-  c.lr_schedule = "cosine"  # cosine | step | constant, over the dense stage
-  c.lr_decay_epochs = 0.0  # step schedule period
-  c.lr_decay_factor = 0.1
-  c.momentum = 0.9  # contract
-  c.nesterov = False
-  c.weight_decay = 5e-4  # contract
+  # SGD + momentum with L2 weight decay on kernels, shared by every stage.
+  c.optimizer = ml_collections.ConfigDict()
+  c.optimizer.momentum = 0.9  # contract
+  c.optimizer.nesterov = False
+  c.optimizer.weight_decay = 5e-4  # contract
 
-  c.dense_epochs = 30.0  # contract: dense training (after init_from, if any)
+  # Dense training (after init_from, if any).
+  c.dense = ml_collections.ConfigDict()
+  c.dense.epochs = config_dict.placeholder(float)  # contract (or dense.steps)
+  c.dense.epochs = 30.0
+  c.dense.steps = config_dict.placeholder(int)
+  _schedule(c.dense, learning_rate=0.1, lr_schedule="cosine")  # contract: dense.learning_rate
 
-  c.prune_epochs = 10.0  # contract: fine-tuning epochs of the prune stage
+  # Pruning: DNS fine-tuning, one-shot magnitude masks + fine-tuning, or none.
   c.prune = ml_collections.ConfigDict()
   c.prune.method = "dns"  # contract: dns | magnitude | none
-  c.prune.sparsity = (
-    0.9  # contract: per-layer target in [0, 1) (quant.rules may override per layer)
-  )
+  c.prune.sparsity = 0.9  # contract: per-layer target in [0, 1) (prune.rules may override)
   c.prune.update_every = 1  # dns: updates between mask updates
-  c.prune.learning_rate = config_dict.placeholder(float)  # None: learning_rate
-  c.prune.lr_schedule = "cosine"
-  c.prune.lr_decay_epochs = 0.0
-  c.prune.lr_decay_factor = 0.1
+  c.prune.epochs = config_dict.placeholder(float)  # contract (or prune.steps)
+  c.prune.epochs = 10.0
+  c.prune.steps = config_dict.placeholder(int)
+  _schedule(c.prune, learning_rate=config_dict.placeholder(float), lr_schedule="cosine")
+  # Per-layer pruning rules "REGEX:key=value,..." with keys prune, sparsity, min_ndim.
+  c.prune.rules = ()
 
-  c.quant_epochs_per_step = 2.0  # contract: epochs per INQ step (0: post-training quantization)
+  # Focused quantization with the INQ schedule.
   c.quant = ml_collections.ConfigDict()
   c.quant.enabled = True
   c.quant.bits = 5  # contract: 2..8
   c.quant.w_sep = 2.0  # contract: Wasserstein separation threshold (Eq. 4)
-  c.quant.inq_fractions = (0.25, 0.5, 0.75, 0.875, 1.0)  # (1.0,): all at once, then final_epochs
-  c.quant.final_epochs = -1.0  # last INQ step; < 0: 10/3 x quant_epochs_per_step (paper: 3 -> 10)
+  c.quant.inq_fractions = (0.25, 0.5, 0.75, 0.875, 1.0)  # (1.0,): all at once, then final length
   c.quant.inq_order = "magnitude"  # magnitude (INQ) | error (smallest quantization error first)
+  c.quant.epochs_per_step = config_dict.placeholder(float)  # contract; 0: post-training
+  c.quant.epochs_per_step = 2.0
+  c.quant.steps_per_step = config_dict.placeholder(int)
+  c.quant.final_epochs = config_dict.placeholder(float)  # None (and final_steps None): 10/3 x
+  c.quant.final_steps = config_dict.placeholder(int)
   c.quant.refit_every_epochs = config_dict.placeholder(float)  # None: one INQ step; 0: never
+  c.quant.refit_every_steps = config_dict.placeholder(int)
   c.quant.refit_growth = 2.0  # each re-estimation interval is this times the previous
-  c.quant.learning_rate = config_dict.placeholder(float)  # None: learning_rate
-  c.quant.lr_schedule = "step"
-  c.quant.lr_decay_epochs = 3.0  # paper: decay every 3 epochs
-  c.quant.lr_decay_factor = 0.5  # OPEN in the paper
+  # learning_rate None: dense.learning_rate; paper: decay every 3 epochs, factor OPEN.
+  _schedule(
+    c.quant,
+    learning_rate=config_dict.placeholder(float),
+    lr_schedule="step",
+    decay_epochs=3.0,
+    factor=0.5,
+  )
   c.quant.lr_restart = True  # every INQ step starts again at quant.learning_rate
   c.quant.alpha_learning_rate = 1e-4  # Adam on the per-layer scales alpha (0 freezes them)
   c.quant.gmm_iters = 200
@@ -89,14 +105,15 @@ def get_config() -> ml_collections.ConfigDict:
   c.quant.bn_bits = 0  # 0: float batch norm; else 2..24 (paper's Table 3: 16)
   c.quant.activation_calibration_batches = 8  # training batches that calibrate the scales
   c.quant.activation_percentile = 99.99  # clip of each layer input: this percentile of |x|
-  # Compression rules, tried before the default (every conv/dense kernel):
-  # "REGEX:key=value,..." with keys prune, quantize, recentralize, sparsity,
-  # bits, w_sep, min_ndim (see fq_jax/pipeline/configuration.py).
+  # Per-layer quantization rules "REGEX:key=value,..." with keys quantize, bits,
+  # w_sep, recentralize, min_ndim.
   c.quant.rules = ()
 
   c.reference_only = False  # fine-tune the float model instead of compressing (fair reference)
-  c.encode = True  # write model.fqz when the codec is available
-  c.coder = "ans"
+
+  c.encode = ml_collections.ConfigDict()
+  c.encode.enabled = True  # write model.fqz
+  c.encode.coder = "ans"  # ans | huffman
 
   c.checkpoint_every_steps = 0  # 0: only at stage ends
   c.max_checkpoints = 2

@@ -15,18 +15,18 @@ from configs import default
 def get_config():
   c = default.get_config()
   c.batch_size = 64
-  c.learning_rate = 0.05
-  c.weight_decay = 5e-4
-  c.dense_epochs = 30.0
-  c.prune_epochs = 10.0
+  c.optimizer.weight_decay = 5e-4
+  c.dense.epochs = 30.0
+  c.dense.learning_rate = 0.05
+  c.prune.epochs = 10.0
   c.prune.method = "dns"
   c.prune.sparsity = 0.96  # conv2 (18k weights)
   c.prune.learning_rate = 0.02
-  c.quant_epochs_per_step = 2.0
+  c.quant.epochs_per_step = 2.0
   c.quant.final_epochs = 6.0
   c.quant.learning_rate = 0.005
   c.quant.bits = 5
-  c.quant.rules = (
+  c.prune.rules = (
     "conv1/kernel$:sparsity=0.5",  # 288 weights
     "head/kernel$:sparsity=0.7",  # 480 weights
     "fc1/kernel$:sparsity=0.975",  # 49k weights, 71% of the model

@@ -6,7 +6,7 @@ decay every 3 epochs (factor OPEN: 0.5 here; each INQ step restarts at 1e-3).
 The data must be prepared for `tfds.data_source` (array_record) in
 dataset.data_dir. No pretrained ImageNet weights ship with the project: pass
 a flat Flax `.npz` as init_from (keys "params/..." and "batch_stats/...") and
-dense_epochs=0, or train from scratch with the dense stage.
+dense.epochs=0, or train from scratch with the dense stage.
 """
 
 from configs import default
@@ -24,22 +24,22 @@ def imagenet_config(model: str, *, sparsity: float, bits: int):
   c.eval_batch_size = 256
 
   # From scratch: 90 epochs, step decay x0.1 every 30 (He et al. 2016).
-  c.dense_epochs = 90.0
-  c.learning_rate = 0.1
-  c.lr_schedule = "step"
-  c.lr_decay_epochs = 30.0
-  c.lr_decay_factor = 0.1
-  c.weight_decay = 1e-4
+  c.dense.epochs = 90.0
+  c.dense.learning_rate = 0.1
+  c.dense.lr_schedule = "step"
+  c.dense.lr_decay_epochs = 30.0
+  c.dense.lr_decay_factor = 0.1
+  c.optimizer.weight_decay = 1e-4
 
-  # DNS to the paper's sparsity (per layer, rules may override).
+  # DNS to the paper's sparsity (per layer, prune.rules may override).
   c.prune.method = "dns"
   c.prune.sparsity = sparsity
-  c.prune_epochs = 15.0
+  c.prune.epochs = 15.0
   c.prune.learning_rate = 1e-3
   c.prune.update_every = 10  # a per-layer sort every step is costly at this scale
 
   c.quant.bits = bits
-  c.quant_epochs_per_step = 3.0
+  c.quant.epochs_per_step = 3.0
   c.quant.final_epochs = 10.0
   c.quant.learning_rate = 1e-3
   c.quant.lr_schedule = "step"

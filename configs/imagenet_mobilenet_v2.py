@@ -5,7 +5,7 @@ from configs import imagenet_common
 
 def get_config():
   c = imagenet_common.imagenet_config("mobilenet_v2", sparsity=0.3174, bits=7)
-  c.weight_decay = 4e-5
+  c.optimizer.weight_decay = 4e-5
   # Depthwise convolutions are left unpruned (still quantized), as is common.
-  c.quant.rules = ("dw_conv/kernel$:prune=false",)
+  c.prune.rules = ("dw_conv/kernel$:prune=false",)
   return c

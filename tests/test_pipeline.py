@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 import fq_jax as fq
+from fq_jax.codec.metadata import ModelMetadata
 from fq_jax.pipeline import ConfigError, train_lib
 from fq_jax.pipeline import configuration as cfg
 from fq_jax.pipeline import steps as steps_lib
@@ -62,15 +63,16 @@ def test_configs_validate_and_share_keys(module):
 CONTRACT_KEYS = (
   "init_from",
   "model.depth",
-  "dense_epochs",
+  "dense.epochs",
   "prune.method",
   "prune.sparsity",
-  "prune_epochs",
+  "prune.epochs",
+  "prune.rules",
   "quant.bits",
   "quant.w_sep",
-  "quant_epochs_per_step",
+  "quant.epochs_per_step",
   "batch_size",
-  "learning_rate",
+  "dense.learning_rate",
   "seed",
   "model.name",
   "dataset.name",
@@ -79,8 +81,8 @@ CONTRACT_KEYS = (
   "quant.rules",
   "checkpoint_every_steps",
   "eval_batch_size",
-  "weight_decay",
-  "momentum",
+  "optimizer.weight_decay",
+  "optimizer.momentum",
   "log_every",
 )
 
@@ -102,11 +104,19 @@ def test_contract_keys_exist():
     ("init_from", "/nonexistent/model.npz", "init_from"),
     ("batch_size", 0, "batch_size"),
     ("quant.inq_order", "random", "quant.inq_order"),
-    ("lr_schedule", "linear", "lr_schedule"),
+    ("dense.lr_schedule", "linear", "dense.lr_schedule"),
     ("quant.rules", ("conv1:bits=9",), "quant.rules"),
     ("quant.rules", ("conv1:colour=red",), "quant.rules"),
     ("quant.rules", ("no colon",), "quant.rules"),
     ("model.depth", 20, "model.depth"),
+    ("prune.rules", ("conv1:bits=6",), "prune.rules"),
+    ("quant.rules", ("conv1:sparsity=0.5",), "quant.rules"),
+    ("encode.coder", "zstd", "encode.coder"),
+    ("dense.learning_rate", float("inf"), "dense.learning_rate"),
+    ("quant.learning_rate", 0.0, "quant.learning_rate"),
+    ("prune.learning_rate", float("nan"), "prune.learning_rate"),
+    ("steps_per_epoch", 0, "steps_per_epoch"),
+    ("eval_steps", 0, "eval_steps"),
   ],
 )
 def test_validate_names_the_bad_key(key, value, match):
@@ -130,19 +140,34 @@ def test_parse_rule():
   config = digits.get_config()
   with config.ignore_type():
     config.quant.rules = "a/kernel$:bits=6; b/kernel$:quantize=no"  # one string works too
-  rules = cfg.compression_rules(config)
-  assert [r.pattern for r in rules] == [
-    "a/kernel$",
-    "b/kernel$",
-    *[r.pattern for r in fq.DEFAULT_RULES],
-  ]
-  assert rules[1].quantize is False
+  assert [r.pattern for r in cfg.stage_rules(config, "quant")] == ["a/kernel$", "b/kernel$"]
+
+
+def test_prune_and_quant_rules_each_set_their_own_stage():
+  """Each leaf takes its pruning from prune.rules and its quantization from quant.rules."""
+  params = {
+    "a": {"kernel": jnp.zeros((3, 3)), "bias": jnp.zeros(3)},
+    "b": {"kernel": jnp.zeros((3, 3))},
+    "c": {"kernel": jnp.zeros((3, 3))},
+  }
+  config = digits.get_config()
+  config.prune.sparsity = 0.8
+  config.quant.bits = 5
+  config.prune.rules = ("a/kernel$:sparsity=0.3", "c/kernel$:prune=false")
+  config.quant.rules = ("a/kernel$:bits=7", "b/kernel$:quantize=false")
+  rules = cfg.compression_rules(config, params)
+  specs = fq.resolve(params, rules, sparsity=0.8, bits=5)
+  a, b, c = specs["a"]["kernel"], specs["b"]["kernel"], specs["c"]["kernel"]
+  assert specs["a"]["bias"] is None  # neither list compresses biases
+  assert (a.prune, a.sparsity, a.quantize, a.bits) == (True, 0.3, True, 7)
+  assert (b.prune, b.sparsity, b.quantize) == (True, 0.8, False)
+  assert (c.prune, c.sparsity, c.quantize, c.bits) == (False, 0.0, True, 5)
 
 
 def test_quant_steps_follow_the_paper_ratio():
   config = digits.get_config()
-  config.quant_epochs_per_step = 3.0
-  config.quant.final_epochs = -1.0
+  config.quant.epochs_per_step = 3.0
+  config.quant.final_epochs = None
   q = cfg.quant_steps(config, steps_per_epoch=10)
   assert (q.per_inq_step, q.final, q.total, q.boundaries()) == (30, 100, 220, (30, 60, 90, 120))
   config.quant.final_epochs = 2.0
@@ -151,7 +176,7 @@ def test_quant_steps_follow_the_paper_ratio():
   config.quant.inq_fractions = (1.0,)
   q = cfg.quant_steps(config, steps_per_epoch=10)
   assert (q.total, q.boundaries()) == (20, ())  # everything quantized at once, then fine-tuned
-  config.quant_epochs_per_step = 0.0
+  config.quant.epochs_per_step = 0.0
   q = cfg.quant_steps(config, steps_per_epoch=10)
   assert (q.total, q.boundaries()) == (0, ())  # post-training quantization, whatever final_epochs
 
@@ -241,13 +266,13 @@ def test_train_py_bad_config_is_one_line(args, expected, tmp_path):
 
 def _tiny_digits(**overrides):
   c = digits.get_config()
-  c.dense_epochs = 2.0
-  c.prune_epochs = 1.0
-  c.quant_epochs_per_step = 0.0
+  c.dense.epochs = 2.0
+  c.prune.epochs = 1.0
+  c.quant.epochs_per_step = 0.0
   c.quant.final_epochs = 0.0
   c.progress_bar = False
   c.checkpoint_every_steps = 0
-  c.quant.rules = ()
+  c.prune.rules = ()
   for key, value in overrides.items():
     node = c
     *parents, leaf = key.split(".")
@@ -269,11 +294,14 @@ def test_magnitude_pruning_and_post_training_quantization(tmp_path):
   assert 0.5 < d["accuracy"] <= 1.0 and "top5" not in d  # 10 classes: top-1 only
   assert p["sparsity"] == pytest.approx(0.8, abs=0.01)
   assert c["bits"] == 5 and 0.0 <= c["accuracy"] <= 1.0
-  if c["estimate"]:
-    assert not (tmp_path / "model.fqz").exists()
-  else:  # the real file: its size is what the ratio counts
-    assert c["artifact_bytes"] == os.path.getsize(tmp_path / "model.fqz")
-    assert c["roundtrip_exact"]
+  # The real file: its size is what the ratio counts, and the codec gives the paper-style ratio.
+  assert c["estimate"] is False and c["roundtrip_exact"]
+  assert c["artifact_bytes"] == os.path.getsize(tmp_path / "model.fqz")
+  written = fq.load_fqz(tmp_path / "model.fqz")
+  summary = fq.artifact_summary(written)
+  assert c["paper_style_compression_ratio"] == summary["paper_style_compression_ratio"]
+  meta = ModelMetadata.from_json(written.metadata)
+  assert (meta.model, meta.dataset, meta.num_classes, meta.bits) == ("digits_cnn", "digits", 10, 5)
   assert c["compression_ratio"] == pytest.approx(d["float32_bytes"] / c["artifact_bytes"])
   assert c["compression_ratio"] > 10 and c["paper_style_compression_ratio"] > c["compression_ratio"]
   assert [r["path"] for r in on_disk["layers"]] == [
@@ -283,7 +311,14 @@ def test_magnitude_pruning_and_post_training_quantization(tmp_path):
     "head/kernel",
   ]
   assert all(r["kept"] < r["size"] for r in on_disk["layers"])
+  for r in on_disk["layers"]:  # requested (the rules) and reached (the masks) per layer
+    assert r["requested_sparsity"] == 0.8
+    assert r["sparsity"] == pytest.approx(1 - r["kept"] / r["size"])
+    assert r["sparsity"] == pytest.approx(0.8, abs=0.01)
   assert set(on_disk["seconds"]) >= {"dense", "prune", "quantize", "evaluate", "encode"}
+  stages, spe = on_disk["stages"], on_disk["stages"]["steps_per_epoch"]
+  assert stages["dense"] == {"steps": 2 * spe, "epochs": 2.0}  # given in epochs, shown in both
+  assert stages["prune"] == {"steps": spe, "epochs": 1.0}
   text = "\n".join(lines)
   assert "compression ratio" in text and "fc1/kernel" in text  # summary and per-layer table
   rows = (tmp_path / "metrics.csv").read_text().splitlines()
@@ -292,21 +327,27 @@ def test_magnitude_pruning_and_post_training_quantization(tmp_path):
 
 
 def test_reference_only_trains_float_for_the_same_steps(tmp_path):
-  config = _tiny_digits(**{"reference_only": True, "dense_epochs": 0.0})
-  report = train_lib.run(config, str(tmp_path), log=lambda s: None)
+  config = _tiny_digits(**{"reference_only": True, "dense.epochs": 0.0})
+  config.prune.epochs, config.prune.steps = None, 5  # a stage length in steps
+  lines = []
+  report = train_lib.run(config, str(tmp_path), log=lines.append)
+  spe = report["stages"]["steps_per_epoch"]
+  assert report["stages"]["prune"] == {"steps": 5, "epochs": 5 / spe}
+  assert f"prune 5 steps ({5 / spe:.3g} epochs)" in "\n".join(lines)
   c = report["compressed"]
   assert report["reference_only"] and report["layers"] == []
   assert c["compression_ratio"] == pytest.approx(1.0, rel=0.01) and c["bits"] == 32
   assert report["pruned"]["sparsity"] == 0.0
   rows = (tmp_path / "metrics.csv").read_text().splitlines()
   assert sum(r.startswith("prune,") and ",train," in r for r in rows) == 1  # float fine-tuning ran
+  assert [r for r in rows if r.startswith("prune,") and ",train," in r][0].split(",")[2] == "5"
 
 
 def test_prune_only_without_quantization(tmp_path):
   config = _tiny_digits(
     **{
-      "dense_epochs": 0.0,
-      "prune_epochs": 0.0,
+      "dense.epochs": 0.0,
+      "prune.epochs": 0.0,
       "prune.method": "magnitude",
       "prune.sparsity": 0.9,
       "quant.enabled": False,
@@ -338,3 +379,107 @@ def test_init_from_flat_npz(tmp_path):
   checkpoint.save_variables_npz(path, other)
   with pytest.raises(ConfigError, match="^init_from: .* does not match"):
     train_lib.make_context(config, str(tmp_path))
+
+
+# ----------------------------------------------------------------------------
+# Stage lengths in steps or epochs
+# ----------------------------------------------------------------------------
+
+
+def test_stage_lengths_in_steps_or_epochs():
+  config = digits.get_config()
+  config.dense.epochs = 2.5
+  config.prune.epochs, config.prune.steps = None, 7
+  config.quant.epochs_per_step, config.quant.steps_per_step = None, 3
+  config.quant.final_epochs, config.quant.final_steps = None, 5
+  cfg.validate(config)
+  assert cfg.stage_steps(config, steps_per_epoch=10) == {
+    "dense": 25,
+    "prune": 7,
+    "quantize": 4 * 3 + 5,
+  }
+  q = cfg.quant_steps(config, steps_per_epoch=10)
+  assert (q.per_inq_step, q.final, q.refit_every, q.boundaries()) == (3, 5, 3, (3, 6, 9, 12))
+  config.quant.final_steps = None  # the paper's 10/3 of the INQ step, in steps
+  assert cfg.quant_steps(config, steps_per_epoch=10).final == 10
+  config.prune.epochs = 1.0
+  with pytest.raises(ConfigError) as info:
+    cfg.validate(config)
+  assert str(info.value) == (
+    "prune.epochs and prune.steps: both set; give this length in epochs or in steps, not both"
+  )
+  config.prune.epochs, config.prune.steps = None, None
+  with pytest.raises(ConfigError, match=r"^prune.epochs: the stage length is not set"):
+    cfg.validate(config)
+
+
+# ----------------------------------------------------------------------------
+# train.py checks the whole config before the first step
+# ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+  "args, expected",
+  [
+    (
+      ["--config.encode.coder=zstd"],
+      "error: encode.coder: unknown coder 'zstd' (valid: ans, huffman)",
+    ),
+    (
+      ["--config.dense.learning_rate=inf"],
+      "error: dense.learning_rate: must be a finite number > 0, got inf",
+    ),
+    (
+      ["--config.quant.learning_rate=-0.1"],
+      "error: quant.learning_rate: must be a finite number > 0, got -0.1",
+    ),
+    (
+      ["--config.steps_per_epoch=0"],
+      "error: steps_per_epoch: must be -1 (the whole split) or a positive integer, got 0",
+    ),
+    (
+      ["--config.eval_steps=0"],
+      "error: eval_steps: must be -1 (the whole split) or a positive integer, got 0",
+    ),
+    (
+      ["--config.prune.steps=5", "--config.prune.epochs=1"],
+      "error: prune.epochs and prune.steps: both set; "
+      "give this length in epochs or in steps, not both",
+    ),
+    # A length in steps replaces the file's length in epochs: the check goes on to the coder.
+    (
+      ["--config.prune.steps=5", "--config.encode.coder=zstd"],
+      "error: encode.coder: unknown coder 'zstd' (valid: ans, huffman)",
+    ),
+    (
+      ["--config.quant.rules=('conv1:sparsity=0.5',)"],
+      "error: quant.rules: rule 'conv1:sparsity=0.5' sets 'sparsity', a setting of prune.rules "
+      "(quant.rules sets quantize, bits, w_sep, recentralize, min_ndim)",
+    ),
+    (["WORKDIR_IS_FILE"], "error: workdir: {file} is not a folder"),
+    (["WORKDIR_UNDER_FILE"], "error: workdir: cannot write to {file}/w: Not a directory"),
+  ],
+)
+def test_train_py_checks_everything_before_training(args, expected, tmp_path):
+  file = tmp_path / "file"
+  file.write_text("not a folder")
+  workdir = {"WORKDIR_IS_FILE": file, "WORKDIR_UNDER_FILE": file / "w"}.get(args[0])
+  if workdir is not None:
+    args = []
+  workdir = workdir or tmp_path / "w"
+  result = _train_py(f"--workdir={workdir}", *args)
+  assert result.returncode != 0
+  lines = [l for l in result.stderr.splitlines() if l.strip() and "Warning" not in l]
+  assert lines == [expected.format(file=file)], result.stderr
+  assert not (tmp_path / "w" / "metrics.csv").exists()  # nothing ran
+
+
+def test_read_only_workdir_is_one_line(tmp_path, monkeypatch):
+  def refuse(path, *a, **k):
+    raise PermissionError(13, "Permission denied", path)
+
+  # Root ignores file modes, so the refusal is simulated where the check writes its probe.
+  monkeypatch.setattr(cfg, "open", refuse, raising=False)
+  with pytest.raises(ConfigError) as info:
+    cfg.check_workdir(str(tmp_path))
+  assert str(info.value) == f"workdir: cannot write to {tmp_path}: Permission denied"

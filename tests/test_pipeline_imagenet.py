@@ -26,11 +26,11 @@ def _tiny(config):
   config.eval_batch_size = 4
   config.steps_per_epoch = 2  # 2 updates per "epoch"
   config.eval_steps = 2
-  config.dense_epochs = 0.0  # random init; the prune stage trains (DNS) on the mock data
-  config.prune_epochs = 1.0
+  config.dense.epochs = 0.0  # random init; the prune stage trains (DNS) on the mock data
+  config.prune.epochs = 1.0
   # Post-training quantization: an FQ training step of ResNet-18 costs
   # minutes to compile and run on a CPU; the digits tests train under FQ.
-  config.quant_epochs_per_step = 0.0
+  config.quant.epochs_per_step = 0.0
   config.quant.final_epochs = 0.0
   # Focused quantization of the stem and the classifier; the 19 convolutions
   # of the stages are pruned but stay float (an FQ compile per layer costs
@@ -74,11 +74,11 @@ def test_mobilenet_rules_leave_depthwise_unpruned():
   from fq_jax.models import get_model
 
   config = imagenet_mobilenet_v2.get_config()
-  rules = cfg.compression_rules(config)
   model = get_model("mobilenet_v2")
   shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3))))[
     "params"
   ]
+  rules = cfg.compression_rules(config, shapes)
   specs = {
     s.path: s
     for s in jax.tree.leaves(

@@ -18,9 +18,9 @@ REPO = Path(__file__).resolve().parents[1]
 # INQ steps of half an epoch (4 x 10 + 10 final = 50 updates, mixtures
 # refitted after 10 and 30); a checkpoint every 8 updates and at every stage end.
 ARGS = (
-  "--config.dense_epochs=2",
-  "--config.prune_epochs=1",
-  "--config.quant_epochs_per_step=0.5",
+  "--config.dense.epochs=2",
+  "--config.prune.epochs=1",
+  "--config.quant.epochs_per_step=0.5",
   "--config.quant.final_epochs=0.5",
   "--config.checkpoint_every_steps=8",
   "--config.progress_bar=false",
@@ -161,3 +161,56 @@ def test_changed_config_does_not_resume(tmp_path):
   ckpt.close()
   with pytest.raises(ConfigError, match="^workdir: .*prune.sparsity"):
     train_lib.run(config, str(workdir), log=lambda s: None)
+
+
+def test_damaged_newest_checkpoints_fall_back_to_the_newest_intact_one(tmp_path):
+  """Garbled bytes, a missing meta/ or state/ and an empty stray folder: each is set aside."""
+  import shutil
+
+  sys.path.insert(0, str(REPO))
+  from configs import digits
+  from fq_jax.pipeline import train_lib
+
+  config = digits.get_config()
+  config.dense.epochs, config.dense.steps = None, 3
+  config.prune.epochs, config.prune.steps = None, 3
+  config.quant.epochs_per_step = 0.0  # post-training quantization: no FQ steps to compile
+  config.prune.rules = ()
+  config.checkpoint_every_steps = 1
+  config.max_checkpoints = 10
+  config.async_checkpointing = False
+  config.progress_bar = False
+  straight = tmp_path / "straight"
+  first = train_lib.run(config, str(straight), log=lambda s: None)
+  # Positions saved: dense 1, dense 2, prune 0, prune 1, prune 2, quantize 0, evaluate 0.
+  ckpts = straight / "checkpoints"
+  assert sorted(int(p.name) for p in ckpts.iterdir() if p.name.isdigit()) == list(range(1, 8))
+  damaged = tmp_path / "damaged"
+  shutil.copytree(straight, damaged)
+  (damaged / "report.json").unlink()
+  (damaged / "model.fqz").unlink()
+  c = damaged / "checkpoints"
+  (c / "99").mkdir()  # an empty stray folder
+  for f in (c / "7").rglob("*"):  # 64 garbled bytes at the start of every file
+    if f.is_file():
+      with open(f, "r+b") as fh:
+        fh.write(os.urandom(64))
+  shutil.rmtree(c / "6" / "meta")
+  shutil.rmtree(c / "5" / "state")
+  lines = []
+  second = train_lib.run(config, str(damaged), log=lines.append)
+  text = "\n".join(lines)
+  for step, why in ((99, "no meta/ folder"), (6, "no meta/ folder"), (5, "no state/ folder")):
+    assert f"warning: checkpoint {step} is damaged ({why})" in text, text
+  assert "warning: checkpoint 7 is damaged (" in text
+  assert "resumed from checkpoint 4: stage prune, step 1" in text
+  assert sorted(p.name.split("-")[0] for p in (damaged / "damaged_checkpoints").iterdir()) == [
+    "5",
+    "6",
+    "7",
+    "99",
+  ]
+  # Resumed from prune step 1, the run ends exactly where the uninterrupted one did.
+  first.pop("seconds"), second.pop("seconds")
+  assert json.loads(json.dumps(first)) == json.loads(json.dumps(second))
+  assert (straight / "model.fqz").read_bytes() == (damaged / "model.fqz").read_bytes()

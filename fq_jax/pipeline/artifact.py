@@ -1,28 +1,25 @@
-"""Sizes of the float model and of the compressed artifact (host side).
+"""The end of a run: `model.fqz` written by the codec, report.json and the printed summary.
 
-The float32 model counts every array inference needs: parameters and
-batch-norm statistics. The compressed size is the size of `DIR/model.fqz` on
-disk when the codec (`fq.save_fqz`) is available; until then it is an
-ESTIMATE (marked `"estimate": true` in the report) from the per-layer symbol
-entropies: an ideal entropy coder spends `entropy_bits` per kept weight, the
-positions of the kept weights cost the binary entropy of the layer's density
-per weight, every other array is stored as float32, plus a small per-array
-header.
+Sizes are the codec's: the file on disk and `fq.artifact_summary` (the one
+owner of the paper-style ratio, kernels only). The float32 model counts every
+array inference needs: parameters and batch-norm statistics.
 """
 
 from __future__ import annotations
 
-import math
+import json
 import os
+import tempfile
 from typing import Any
 
 import jax
 import numpy as np
 
 import fq_jax as fq
-
-# Per-array bookkeeping of the estimate: name, shape, quantizer parameters.
-HEADER_BYTES = 32
+from fq_jax.codec import atomic
+from fq_jax.pipeline import integer as integer_lib
+from fq_jax.pipeline import plans
+from fq_jax.pipeline.context import Context, accuracy_fields, evaluate, requested_sparsity, to_host
 
 
 def num_values(variables: dict[str, Any]) -> int:
@@ -33,64 +30,6 @@ def num_values(variables: dict[str, Any]) -> int:
 def float32_bytes(variables: dict[str, Any]) -> int:
   """Size of the model stored as float32."""
   return 4 * num_values(variables)
-
-
-def is_kernel(path: str, shape) -> bool:
-  """Conv and dense kernels: what the paper's compression ratio counts."""
-  return path.split("/")[-1] == "kernel" and len(shape) >= 2
-
-
-def kernel_float32_bytes(params) -> int:
-  """float32 size of the conv and dense kernels."""
-  total = 0
-  for path, leaf in jax.tree_util.tree_leaves_with_path(params):
-    if is_kernel(fq.path_str(path), np.shape(leaf)):
-      total += 4 * int(np.size(leaf))
-  return total
-
-
-def _binary_entropy(p: float) -> float:
-  if p <= 0.0 or p >= 1.0:
-    return 0.0
-  return -(p * math.log2(p) + (1 - p) * math.log2(1 - p))
-
-
-def estimate_sizes(params, batch_stats, rows: list[dict[str, Any]]) -> dict[str, Any]:
-  """Entropy-based size estimate of the compressed model.
-
-  Args:
-    params: float parameters (compressed leaves as in `rows`).
-    batch_stats: batch-norm statistics (stored as float32).
-    rows: `fq.layer_report` rows (or rows with path/size/kept and kind
-      "pruned" for prune-only leaves).
-
-  Returns:
-    {"artifact_bytes", "kernel_bytes", "estimate": True}; kernel_bytes is the
-    part spent on conv and dense kernels.
-  """
-  by_path = {r["path"]: r for r in rows}
-  total_bits = 0.0
-  kernel_bits = 0.0
-  for path, leaf in jax.tree_util.tree_leaves_with_path(params):
-    name = fq.path_str(path)
-    r = by_path.get(name)
-    if r is None:
-      bits = 32.0 * np.size(leaf)
-    else:
-      density = r["kept"] / max(r["size"], 1)
-      per_weight = 32.0 if r["kind"] == "pruned" else r["entropy_bits"]
-      bits = r["kept"] * per_weight + r["size"] * _binary_entropy(density)
-    bits += 8 * HEADER_BYTES
-    total_bits += bits
-    if is_kernel(name, np.shape(leaf)):
-      kernel_bits += bits
-  for leaf in jax.tree.leaves(batch_stats):
-    total_bits += 32.0 * np.size(leaf) + 8 * HEADER_BYTES
-  return {
-    "artifact_bytes": int(math.ceil(total_bits / 8)),
-    "kernel_bytes": int(math.ceil(kernel_bits / 8)),
-    "estimate": True,
-  }
 
 
 def mask_rows(params, masks) -> list[dict[str, Any]]:
@@ -119,11 +58,6 @@ def mask_rows(params, masks) -> list[dict[str, Any]]:
   return rows
 
 
-def codec_available() -> bool:
-  """Whether the `.fqz` codec has landed in `fq_jax`."""
-  return hasattr(fq, "save_fqz")
-
-
 def write_artifact(
   path: str, variables: dict[str, Any], state, *, coder: str, metadata: dict[str, Any]
 ) -> dict[str, Any]:
@@ -134,22 +68,19 @@ def write_artifact(
     variables: {'params', 'batch_stats'} of the float model (host arrays).
     state: the `fq.FQState` (or `fq.PruneState`, or None to store raw).
     coder: "ans" or "huffman".
-    metadata: header metadata.
+    metadata: header metadata (`ModelMetadata.to_json()`).
 
   Returns:
-    {"artifact_bytes": bytes on disk, "paper_style_compression_ratio",
-    "summary": the codec's `artifact_summary` without its per-layer rows,
-    "decoded": the decoded variables tree, "estimate": False}.
+    {"artifact_bytes": bytes on disk, "summary": the codec's `artifact_summary`
+    without its per-layer rows, "decoded": the decoded variables tree}.
   """
   fq.save_fqz(path, variables, state, coder=coder, metadata=metadata)
   decoded = fq.load_fqz(path)
   summary = fq.artifact_summary(decoded)
   return {
     "artifact_bytes": int(os.path.getsize(path)),
-    "paper_style_compression_ratio": summary.get("paper_style_compression_ratio"),
     "summary": {k: v for k, v in summary.items() if k not in ("layers", "metadata")},
     "decoded": decoded.tree(),
-    "estimate": False,
   }
 
 
@@ -162,3 +93,137 @@ def trees_equal(a, b) -> bool:
     np.asarray(x).dtype == np.asarray(y).dtype and np.array_equal(np.asarray(x), np.asarray(y))
     for x, y in zip(la, lb)
   )
+
+
+def _compression_state(ctx: Context, carry: dict[str, Any], params):
+  """(state for the codec, per-layer rows, bits) of the run's final model."""
+  if ctx.quantizes:
+    state = to_host(fq.find_state(carry.get("opt_state")))
+    return state, fq.layer_report(params, state), int(ctx.config.quant.bits)
+  if ctx.prunes:
+    masks = to_host(carry.get("masks"))
+    state = fq.PruneState(count=np.zeros([], np.int32), masks=masks, inner_state=())
+    return state, mask_rows(params, masks), 32
+  return None, [], 32
+
+
+def _write(ctx: Context, folder: str, variables, state, scales) -> dict[str, Any]:
+  metadata = integer_lib.metadata(ctx, scales).to_json()
+  path = os.path.join(folder, "model.fqz")
+  return write_artifact(path, variables, state, coder=ctx.config.encode.coder, metadata=metadata)
+
+
+def encode(
+  ctx: Context,
+  carry: dict[str, Any],
+  results: dict[str, Any],
+  variables: dict[str, Any],
+  result: dict[str, float],
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+  """Encodes the final model; returns the report's "compressed" entry and its layer rows.
+
+  The file goes to `workdir/model.fqz` on the first host with `encode.enabled`;
+  otherwise it is written to a temporary folder, measured and removed, so the
+  sizes are always the codec's.
+
+  Args:
+    ctx: the run's context.
+    carry: the runner's arrays (params, batch_stats, masks, opt_state).
+    results: the run record's results (dense sizes, activation scales).
+    variables: the evaluated (forward) variables.
+    result: their `evaluate` result.
+  """
+  params, batch_stats = to_host(carry["params"]), to_host(carry["batch_stats"])
+  state, rows, bits = _compression_state(ctx, carry, params)
+  requested = requested_sparsity(ctx)
+  for row in rows:
+    row["requested_sparsity"] = requested.get(row["path"], 0.0)
+  tree = {"params": params, "batch_stats": batch_stats}
+  scales = results.get("activation_scales")
+  if ctx.config.encode.enabled and ctx.is_main:
+    real = _write(ctx, ctx.workdir, tree, state, scales)
+  else:
+    with tempfile.TemporaryDirectory() as folder:
+      real = _write(ctx, folder, tree, state, scales)
+  out: dict[str, Any] = {**accuracy_fields(result), "bits": bits}
+  # The artifact must rebuild exactly the model that was evaluated.
+  exact = trees_equal(real["decoded"], to_host(variables))
+  if not exact:
+    ctx.log(
+      "warning: the decoded artifact differs from the evaluated model; "
+      "reporting the decoded model's accuracy"
+    )
+    out.update(accuracy_fields(evaluate(ctx, real["decoded"])))
+  paper = real["summary"].get("paper_style_compression_ratio")
+  out.update(
+    artifact_bytes=real["artifact_bytes"],
+    estimate=False,  # kept for report.json readers: sizes are always the real file's
+    paper_style_compression_ratio=(paper or 1.0) if ctx.compress else 1.0,
+    roundtrip_exact=exact,
+    coder=ctx.config.encode.coder,
+    entropy_bound_bytes=real["summary"].get("file_entropy_bound_bytes"),
+  )
+  out["compression_ratio"] = results["dense"]["float32_bytes"] / max(out["artifact_bytes"], 1)
+  return out, rows
+
+
+def make_report(
+  ctx: Context,
+  results: dict[str, Any],
+  seconds: dict[str, float],
+  compressed: dict[str, Any],
+  rows: list[dict[str, Any]],
+) -> dict[str, Any]:
+  """The report of a finished run (the content of report.json)."""
+  return {
+    "model": ctx.model_name,
+    "dataset": ctx.source.name,
+    "reference_only": bool(ctx.config.reference_only),
+    "dense": results["dense"],
+    "pruned": results["pruned"],
+    "compressed": compressed,
+    "layers": rows,
+    "stages": plans.stage_lengths(ctx),
+    "seconds": {k: round(v, 3) for k, v in seconds.items()},
+  }
+
+
+def write_report(ctx: Context, report: dict[str, Any]) -> None:
+  """Writes workdir/report.json atomically (first host) and logs the summary."""
+  if ctx.is_main:
+    text = json.dumps(_jsonable(report), indent=1)
+    atomic.atomic_write(os.path.join(ctx.workdir, "report.json"), text)
+  ctx.log(summary(report))
+
+
+def _jsonable(x):
+  if isinstance(x, dict):
+    return {k: _jsonable(v) for k, v in x.items()}
+  if isinstance(x, (list, tuple)):
+    return [_jsonable(v) for v in x]
+  if isinstance(x, (np.floating, np.integer, np.bool_)):
+    return x.item()
+  return x
+
+
+def summary(report: dict[str, Any]) -> str:
+  """A human-readable summary and the per-layer table."""
+  d, p, c = report["dense"], report["pruned"], report["compressed"]
+  lines = [
+    f"== {report['model']} on {report['dataset']}"
+    + (" [reference: float fine-tuning]" if report.get("reference_only") else ""),
+    f"dense:      accuracy {d['accuracy']:.4f}"
+    + (f", top-5 {d['top5']:.4f}" if "top5" in d else "")
+    + f", {d['num_values']:,} values, {d['float32_bytes']:,} bytes as float32",
+    f"pruned:     accuracy {p['accuracy']:.4f}, sparsity {p['sparsity']:.4f}",
+    f"compressed: accuracy {c['accuracy']:.4f}"
+    + (f", top-5 {c['top5']:.4f}" if "top5" in c else "")
+    + f", {c['bits']} bits, {c['artifact_bytes']:,} bytes",
+    f"compression ratio {c['compression_ratio']:.2f}x (paper-style, kernels only: "
+    f"{c['paper_style_compression_ratio']:.2f}x); accuracy change vs dense "
+    f"{100 * (c['accuracy'] - d['accuracy']):+.2f} points",
+    "seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in report["seconds"].items()),
+  ]
+  if report["layers"]:
+    lines += ["", fq.format_report(report["layers"])]
+  return "\n".join(lines)

@@ -10,11 +10,17 @@ a freshly built state of the same stage (`jax.eval_shape` of its `init`), which
 the pipeline can always reconstruct from the config. Restored arrays are
 exactly the saved ones, so a resumed run reproduces an uninterrupted one bit
 for bit.
+
+A checkpoint that cannot be read back (garbled bytes, a missing `meta/` or
+`state/`, an empty stray folder) raises `DamagedCheckpoint`; the runner then
+sets it aside (`set_aside`) and falls back to the next older one.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
+import time
 from typing import Any
 
 import jax
@@ -43,6 +49,22 @@ def unflatten_state(flat: dict[str, dict[str, Any]], abstract: dict[str, Any]) -
   return out
 
 
+DAMAGED_FOLDER = "damaged_checkpoints"
+
+
+class DamagedCheckpoint(Exception):
+  """Checkpoint `step` cannot be restored; `str(e)` is one line saying why."""
+
+  def __init__(self, step: int, reason: str):
+    self.step = step
+    super().__init__(f"checkpoint {step} is damaged ({reason})")
+
+
+def _reason(e: BaseException) -> str:
+  text = str(e).strip().splitlines()
+  return f"{type(e).__name__}: {text[0][:200]}" if text else type(e).__name__
+
+
 class Checkpoints:
   """A `CheckpointManager` of (state arrays, meta JSON) pairs with increasing ids."""
 
@@ -61,10 +83,38 @@ class Checkpoints:
     """The id of the newest complete checkpoint (None when there is none)."""
     return self.manager.latest_step()
 
+  def steps_newest_first(self) -> list[int]:
+    """Ids of the checkpoints on disk, newest first."""
+    return sorted(self.manager.all_steps(), reverse=True)
+
+  def set_aside(self, step: int) -> str:
+    """Moves checkpoint `step` to `../damaged_checkpoints/` (kept for inspection); returns where."""
+    self.wait()
+    target_dir = os.path.join(os.path.dirname(self.directory), DAMAGED_FOLDER)
+    os.makedirs(target_dir, exist_ok=True)
+    target = os.path.join(target_dir, f"{step}-{time.strftime('%Y%m%d-%H%M%S')}")
+    shutil.move(os.path.join(self.directory, str(step)), target)
+    self.manager.reload()
+    return target
+
   def meta(self, step: int) -> dict[str, Any]:
-    """The JSON record of checkpoint `step`."""
-    out = self.manager.restore(step, args=ocp.args.Composite(**{META_ITEM: ocp.args.JsonRestore()}))
-    return dict(out[META_ITEM])
+    """The JSON record of checkpoint `step`.
+
+    Raises:
+      DamagedCheckpoint: when it cannot be read or is not a JSON object.
+    """
+    if not os.path.isdir(os.path.join(self.directory, str(step), META_ITEM)):
+      raise DamagedCheckpoint(step, f"no {META_ITEM}/ folder")
+    try:
+      out = self.manager.restore(
+        step, args=ocp.args.Composite(**{META_ITEM: ocp.args.JsonRestore()})
+      )
+      meta = out[META_ITEM]
+    except Exception as e:  # noqa: BLE001 - Orbax raises many types for unreadable files
+      raise DamagedCheckpoint(step, _reason(e)) from None
+    if not isinstance(meta, dict):
+      raise DamagedCheckpoint(step, f"{META_ITEM} is not a JSON object")
+    return dict(meta)
 
   def save(self, state: dict[str, Any], meta: dict[str, Any]) -> int:
     """Saves `state` ({name: pytree}) and `meta`; returns the new id."""
@@ -91,12 +141,20 @@ class Checkpoints:
 
     Returns:
       {name: tree of jax.Array}.
+
+    Raises:
+      DamagedCheckpoint: when the arrays cannot be read back.
     """
     target = flatten_state(abstract)
-    out = self.manager.restore(
-      step, args=ocp.args.Composite(**{STATE_ITEM: ocp.args.StandardRestore(target)})
-    )
-    return unflatten_state(out[STATE_ITEM], abstract)
+    if target and not os.path.isdir(os.path.join(self.directory, str(step), STATE_ITEM)):
+      raise DamagedCheckpoint(step, f"no {STATE_ITEM}/ folder")
+    try:
+      out = self.manager.restore(
+        step, args=ocp.args.Composite(**{STATE_ITEM: ocp.args.StandardRestore(target)})
+      )
+      return unflatten_state(out[STATE_ITEM], abstract)
+    except Exception as e:  # noqa: BLE001 - Orbax raises many types for unreadable files
+      raise DamagedCheckpoint(step, _reason(e)) from None
 
   def wait(self) -> None:
     """Blocks until pending asynchronous saves are on disk."""
@@ -111,7 +169,8 @@ def save_variables_npz(path: str, variables: dict[str, Any]) -> None:
   import numpy as np
 
   from fq_jax import path_str
+  from fq_jax.codec import atomic
 
   flat = {path_str(p): np.asarray(x) for p, x in jax.tree_util.tree_leaves_with_path(variables)}
-  with open(path, "wb") as f:
+  with atomic.atomic_open(path, "wb") as f:
     np.savez(f, **flat)

@@ -1,23 +1,22 @@
 """Configuration checks and the pure pieces derived from a config.
 
-Everything here turns an `ml_collections.ConfigDict` (see `configs/*.py`) into
-plain values: validated settings, compression rules, stage step counts. A bad
-setting raises `ConfigError`, whose message is one line that starts with the
-offending key, so `train.py` can print it without a traceback.
+Everything here turns an `ml_collections.ConfigDict` (see `configs/*.py` and
+docs/pipeline.md) into plain values: validated settings, compression rules,
+stage lengths. A bad setting raises `ConfigError`, whose message is one line
+that starts with the offending key, so `train.py` can print it without a
+traceback.
 
-Rule override syntax (`quant.rules`): a tuple of strings (or one string with
-';' between rules), each `REGEX:key=value[,key=value...]`, for example
+Compression rules live with the stage whose settings they change (the syntax
+is `fq_jax._src.rule_syntax`'s `REGEX:key=value,...`):
 
-    "conv_init/kernel$:bits=8,sparsity=0"
-    "dw_conv/kernel$:prune=false"
-    "head/kernel$:sparsity=0.5,w_sep=3"
+* `prune.rules` may set `prune`, `sparsity` and `min_ndim`;
+* `quant.rules` may set `quantize`, `bits`, `w_sep`, `recentralize` and `min_ndim`.
 
-The part before the last ':' is a regular expression searched in the
-'/'-joined parameter path (`conv1/kernel`, `stage1_block0/conv2/kernel`, ...);
-keys are the fields of `fq.Rule`: prune, quantize, recentralize (true/false),
-sparsity, w_sep (float), bits, min_ndim (int). The rules are tried in order
-before `fq.DEFAULT_RULES` (every conv and dense kernel), and they drive both
-pruning and quantization.
+A rule with a key of the other stage is an error naming the right list. For
+each leaf the first matching prune rule (then `fq.DEFAULT_RULES`) decides its
+pruning and the first matching quant rule (then `fq.DEFAULT_RULES`) its
+quantization; `compression_rules` merges both into one exact rule per leaf,
+the form every `fq` transform takes.
 """
 
 from __future__ import annotations
@@ -29,18 +28,37 @@ import os
 import re
 from typing import Any
 
+import jax
+
 import fq_jax as fq
+from fq_jax import models as models_lib
 from fq_jax._src import rule_syntax
 from fq_jax._src.quantizers import MAX_BITS, MIN_BITS
 
-MODEL_NAMES = ("digits_cnn", "cifar_resnet", "resnet18", "resnet50", "mobilenet_v1", "mobilenet_v2")
+MODEL_NAMES = models_lib.MODEL_NAMES
+# TODO(data registry): replace with fq_jax.data.DATASETS once it lands.
 DATASET_NAMES = ("digits", "cifar10", "imagenet2012")
 PRUNE_METHODS = ("dns", "magnitude", "none")
 LR_SCHEDULES = ("cosine", "step", "constant")
+CODERS = ("ans", "huffman")
 
 # Stage names, in order; a checkpoint position is (stage, step within stage).
 TRAIN_STAGES = ("dense", "prune", "quantize")
 STAGES = TRAIN_STAGES + ("evaluate",)
+
+# Config section of each training stage.
+SECTIONS = {"dense": "dense", "prune": "prune", "quantize": "quant"}
+
+# Lengths given in epochs or in steps (one of the two): section -> (epochs key, steps key).
+LENGTH_KEYS = {
+  "dense": (("epochs", "steps"),),
+  "prune": (("epochs", "steps"),),
+  "quant": (
+    ("epochs_per_step", "steps_per_step"),
+    ("final_epochs", "final_steps"),
+    ("refit_every_epochs", "refit_every_steps"),
+  ),
+}
 
 # Keys that may differ between the run that wrote a checkpoint and the run
 # that resumes it: they change logging or checkpoint cadence, not the numbers.
@@ -54,6 +72,10 @@ VOLATILE_KEYS = (
   "dataset.num_threads",
 )
 
+# Which Rule fields each stage's rule list may set.
+PRUNE_RULE_KEYS = ("prune", "sparsity", "min_ndim")
+QUANT_RULE_KEYS = ("quantize", "bits", "w_sep", "recentralize", "min_ndim")
+
 
 class ConfigError(ValueError):
   """A bad configuration value; `str(e)` is one line naming the key."""
@@ -63,33 +85,91 @@ class ConfigError(ValueError):
     super().__init__(f"{key}: {message}")
 
 
-_BOOL_WORDS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
-_RULE_FIELDS = {
-  "prune": "bool",
-  "quantize": "bool",
-  "recentralize": "bool",
-  "sparsity": "float",
-  "w_sep": "float",
-  "bits": "int",
-  "min_ndim": "int",
-}
-
-
 def parse_rule(text: str, key: str = "quant.rules") -> fq.Rule:
-  """Parses one `REGEX:key=value,...` override (`fq_jax._src.rule_syntax`), naming `key` in errors."""
+  """Parses one `REGEX:key=value,...` rule (`fq_jax._src.rule_syntax`), naming `key` in errors."""
   try:
     return rule_syntax.parse_rule(text)
   except rule_syntax.RuleSyntaxError as e:
     raise ConfigError(key, str(e)) from None
 
 
-def compression_rules(config) -> tuple[fq.Rule, ...]:
-  """The config's rule overrides followed by `fq.DEFAULT_RULES`."""
-  raw = config.quant.rules
-  if isinstance(raw, str):
-    raw = [r for r in raw.split(";")]
-  texts = [r.strip() for r in raw if r and r.strip()]
-  return tuple(parse_rule(t) for t in texts) + tuple(fq.DEFAULT_RULES)
+def _rule_settings(text: str) -> list[str]:
+  body = text.rpartition(":")[2]
+  return [
+    item.partition("=")[0].strip().replace("-", "_") for item in body.split(",") if item.strip()
+  ]
+
+
+def stage_rules(config, section: str) -> tuple[fq.Rule, ...]:
+  """The parsed rules of `prune.rules` or `quant.rules` (without the defaults).
+
+  Raises:
+    ConfigError: for a malformed rule or a key the other stage owns.
+  """
+  key = f"{section}.rules"
+  raw = config[section].rules
+  texts = raw.split(";") if isinstance(raw, str) else list(raw)
+  allowed, other = (PRUNE_RULE_KEYS, "quant") if section == "prune" else (QUANT_RULE_KEYS, "prune")
+  out = []
+  for text in (t.strip() for t in texts if t and t.strip()):
+    rule = parse_rule(text, key)
+    for name in _rule_settings(text):
+      if name not in allowed:
+        raise ConfigError(
+          key,
+          f"rule {text!r} sets {name!r}, a setting of {other}.rules "
+          f"({section}.rules sets {', '.join(allowed)})",
+        )
+    out.append(rule)
+  return tuple(out)
+
+
+def compression_rules(config, params) -> tuple[fq.Rule, ...]:
+  """One exact rule per compressed leaf of `params`, merging `prune.rules` and `quant.rules`.
+
+  Args:
+    config: the run's config.
+    params: the parameter tree (arrays or shapes).
+
+  Returns:
+    Rules `^path$`, one per leaf that is pruned or quantized, whose prune
+    settings come from the first matching prune rule and whose quantization
+    settings come from the first matching quant rule (each list followed by
+    `fq.DEFAULT_RULES`), with the config's global sparsity, bits and w_sep
+    filled in. A leaf that neither list compresses matches none.
+  """
+  c = config
+  prune = fq.resolve(
+    params, stage_rules(c, "prune") + tuple(fq.DEFAULT_RULES), sparsity=c.prune.sparsity
+  )
+  quant = fq.resolve(
+    params,
+    stage_rules(c, "quant") + tuple(fq.DEFAULT_RULES),
+    bits=c.quant.bits,
+    w_sep=c.quant.w_sep,
+  )
+  out = []
+  for p, q in zip(_spec_leaves(prune), _spec_leaves(quant)):
+    prunes, quantizes = bool(p and p.prune), bool(q and q.quantize)
+    if not (prunes or quantizes):
+      continue
+    out.append(
+      fq.Rule(
+        pattern=f"^{re.escape((p or q).path)}$",
+        prune=prunes,
+        sparsity=p.sparsity if prunes else None,
+        quantize=quantizes,
+        bits=q.bits if quantizes else None,
+        w_sep=q.w_sep if quantizes else None,
+        recentralize=q.recentralize if quantizes else True,
+        min_ndim=0,
+      )
+    )
+  return tuple(out)
+
+
+def _spec_leaves(specs) -> list:
+  return jax.tree.leaves(specs, is_leaf=lambda x: x is None)
 
 
 def _check(cond: bool, key: str, message: str) -> None:
@@ -97,18 +177,31 @@ def _check(cond: bool, key: str, message: str) -> None:
     raise ConfigError(key, message)
 
 
-def validate(config) -> None:
-  """Checks every setting a run depends on.
+def _is_number(x) -> bool:
+  return isinstance(x, (int, float)) and not isinstance(x, bool)
 
-  Raises:
-    ConfigError: naming the first bad key.
-  """
-  c = config
-  _check(
-    c.model.name in MODEL_NAMES,
-    "model.name",
-    f"unknown model {c.model.name!r} (valid: {', '.join(MODEL_NAMES)})",
-  )
+
+def _check_choice(value, key: str, valid, what: str) -> None:
+  _check(value in valid, key, f"unknown {what} {value!r} (valid: {', '.join(valid)})")
+
+
+def _check_positive_int(value, key: str) -> None:
+  ok = isinstance(value, int) and not isinstance(value, bool) and value > 0
+  _check(ok, key, f"must be a positive integer, got {value}")
+
+
+def _check_rate(value, key: str, *, allow_zero: bool = False) -> None:
+  ok = _is_number(value) and math.isfinite(value) and (value >= 0 if allow_zero else value > 0)
+  _check(ok, key, f"must be a finite number {'>= 0' if allow_zero else '> 0'}, got {value}")
+
+
+def _check_cap(value, key: str) -> None:
+  ok = isinstance(value, int) and not isinstance(value, bool) and (value == -1 or value > 0)
+  _check(ok, key, f"must be -1 (the whole split) or a positive integer, got {value}")
+
+
+def _validate_model_and_data(c) -> None:
+  _check_choice(c.model.name, "model.name", MODEL_NAMES, "model")
   if c.model.depth is not None:
     _check(
       c.model.name == "cifar_resnet",
@@ -120,11 +213,8 @@ def validate(config) -> None:
       "model.depth",
       f"must be 6n+2 (20, 32, 44, 56, 110, ...), got {c.model.depth}",
     )
-  _check(
-    c.dataset.name in DATASET_NAMES,
-    "dataset.name",
-    f"unknown dataset {c.dataset.name!r} (valid: {', '.join(DATASET_NAMES)})",
-  )
+  _check_choice(c.model.dtype, "model.dtype", ("float32", "bfloat16", "float16"), "dtype")
+  _check_choice(c.dataset.name, "dataset.name", DATASET_NAMES, "dataset")
   if c.init_from:
     _check(os.path.isfile(c.init_from), "init_from", f"file not found: {c.init_from}")
     _check(
@@ -133,45 +223,78 @@ def validate(config) -> None:
       f"expected a .npz file (PyTorch CIFAR ResNet or flat Flax variables), got {c.init_from}",
     )
   for key in ("batch_size", "eval_batch_size"):
-    _check(isinstance(c[key], int) and c[key] > 0, key, f"must be a positive integer, got {c[key]}")
-  for key in ("dense_epochs", "prune_epochs", "quant_epochs_per_step"):
-    _check(c[key] >= 0 and math.isfinite(c[key]), key, f"must be >= 0, got {c[key]}")
-  _check(c.learning_rate > 0, "learning_rate", f"must be > 0, got {c.learning_rate}")
-  _check(c.weight_decay >= 0, "weight_decay", f"must be >= 0, got {c.weight_decay}")
-  _check(0 <= c.momentum < 1, "momentum", f"must be in [0, 1), got {c.momentum}")
-  for prefix, sub in (("", c), ("prune.", c.prune), ("quant.", c.quant)):
-    _check(
-      sub.lr_schedule in LR_SCHEDULES,
-      prefix + "lr_schedule",
-      f"unknown schedule {sub.lr_schedule!r} (valid: {', '.join(LR_SCHEDULES)})",
-    )
-    if sub.get("learning_rate") is not None:
+    _check_positive_int(c[key], key)
+  for key in ("steps_per_epoch", "eval_steps"):
+    _check_cap(c[key], key)
+
+
+def _validate_lengths(c) -> None:
+  for section, pairs in LENGTH_KEYS.items():
+    for epochs_key, steps_key in pairs:
+      e, s = c[section][epochs_key], c[section][steps_key]
+      ek, sk = f"{section}.{epochs_key}", f"{section}.{steps_key}"
       _check(
-        sub.learning_rate > 0, prefix + "learning_rate", f"must be > 0, got {sub.learning_rate}"
+        e is None or s is None,
+        f"{ek} and {sk}",
+        "both set; give this length in epochs or in steps, not both",
       )
+      if e is not None:
+        ok = _is_number(e) and math.isfinite(e) and e >= 0
+        _check(ok, ek, f"must be a finite number >= 0, got {e}")
+      if s is not None:
+        ok = isinstance(s, int) and not isinstance(s, bool) and s >= 0
+        _check(ok, sk, f"must be an integer >= 0, got {s}")
+  for section in ("dense", "prune"):
+    _check(
+      c[section].epochs is not None or c[section].steps is not None,
+      f"{section}.epochs",
+      f"the stage length is not set (give {section}.epochs or {section}.steps)",
+    )
+  q = c.quant
   _check(
-    c.prune.method in PRUNE_METHODS,
-    "prune.method",
-    f"unknown method {c.prune.method!r} (valid: {', '.join(PRUNE_METHODS)})",
+    q.epochs_per_step is not None or q.steps_per_step is not None,
+    "quant.epochs_per_step",
+    "the INQ step length is not set (give quant.epochs_per_step or quant.steps_per_step)",
   )
+
+
+def _validate_optimizers(c) -> None:
+  _check_rate(c.optimizer.weight_decay, "optimizer.weight_decay", allow_zero=True)
+  m = c.optimizer.momentum
+  _check(_is_number(m) and 0 <= m < 1, "optimizer.momentum", f"must be in [0, 1), got {m}")
+  for section in ("dense", "prune", "quant"):
+    sub = c[section]
+    _check_choice(sub.lr_schedule, f"{section}.lr_schedule", LR_SCHEDULES, "schedule")
+    if section == "dense" or sub.learning_rate is not None:
+      _check_rate(sub.learning_rate, f"{section}.learning_rate")
+    _check_rate(sub.lr_decay_epochs, f"{section}.lr_decay_epochs", allow_zero=True)
+    _check_rate(sub.lr_decay_factor, f"{section}.lr_decay_factor")
+  _check_rate(c.quant.alpha_learning_rate, "quant.alpha_learning_rate", allow_zero=True)
+
+
+def _validate_prune(c) -> None:
+  p = c.prune
+  _check_choice(p.method, "prune.method", PRUNE_METHODS, "method")
+  s = p.sparsity
+  _check(_is_number(s) and 0.0 <= s < 1.0, "prune.sparsity", f"must be in [0, 1), got {s}")
+  _check_positive_int(p.update_every, "prune.update_every")
+  stage_rules(c, "prune")  # raises ConfigError for a malformed rule
+
+
+def _validate_quant(c) -> None:
+  q = c.quant
   _check(
-    0.0 <= c.prune.sparsity < 1.0, "prune.sparsity", f"must be in [0, 1), got {c.prune.sparsity}"
-  )
-  _check(
-    c.prune.update_every >= 1, "prune.update_every", f"must be >= 1, got {c.prune.update_every}"
-  )
-  _check(
-    isinstance(c.quant.bits, int) and MIN_BITS <= c.quant.bits <= MAX_BITS,
+    isinstance(q.bits, int) and MIN_BITS <= q.bits <= MAX_BITS,
     "quant.bits",
-    f"must be an integer in [{MIN_BITS}, {MAX_BITS}], got {c.quant.bits}",
+    f"must be an integer in [{MIN_BITS}, {MAX_BITS}], got {q.bits}",
   )
-  _check(c.quant.w_sep >= 0, "quant.w_sep", f"must be >= 0, got {c.quant.w_sep}")
+  _check_rate(q.w_sep, "quant.w_sep", allow_zero=True)
   _check(
-    c.quant.inq_order in ("magnitude", "error"),
+    q.inq_order in ("magnitude", "error"),
     "quant.inq_order",
-    f"must be 'magnitude' or 'error', got {c.quant.inq_order!r}",
+    f"must be 'magnitude' or 'error', got {q.inq_order!r}",
   )
-  fractions = tuple(c.quant.inq_fractions)
+  fractions = tuple(q.inq_fractions)
   _check(
     bool(fractions)
     and fractions[-1] == 1.0
@@ -180,10 +303,12 @@ def validate(config) -> None:
     "quant.inq_fractions",
     f"must increase within (0, 1] and end at 1.0, got {fractions}",
   )
+  g = q.refit_growth
   _check(
-    c.quant.refit_growth >= 1, "quant.refit_growth", f"must be >= 1, got {c.quant.refit_growth}"
+    _is_number(g) and math.isfinite(g) and g >= 1, "quant.refit_growth", f"must be >= 1, got {g}"
   )
-  act, bn = c.quant.activation_bits, c.quant.bn_bits
+  _check_positive_int(q.gmm_iters, "quant.gmm_iters")
+  act, bn = q.activation_bits, q.bn_bits
   _check(
     isinstance(act, int) and (act == 0 or 2 <= act <= 16),
     "quant.activation_bits",
@@ -194,26 +319,80 @@ def validate(config) -> None:
     "quant.bn_bits",
     f"must be 0 (float) or an integer in [2, 24], got {bn}",
   )
+  _check_positive_int(q.activation_calibration_batches, "quant.activation_calibration_batches")
+  pct = q.activation_percentile
   _check(
-    c.quant.activation_calibration_batches >= 1,
-    "quant.activation_calibration_batches",
-    f"must be >= 1, got {c.quant.activation_calibration_batches}",
-  )
-  _check(
-    0 < c.quant.activation_percentile <= 100,
+    _is_number(pct) and 0 < pct <= 100,
     "quant.activation_percentile",
-    f"must be in (0, 100], got {c.quant.activation_percentile}",
+    f"must be in (0, 100], got {pct}",
   )
-  compression_rules(c)  # raises ConfigError for a malformed rule
+  stage_rules(c, "quant")  # raises ConfigError for a malformed rule
+
+
+def validate(config) -> None:
+  """Checks every setting a run depends on (training, evaluation and encoding), before any work.
+
+  Raises:
+    ConfigError: naming the first bad key.
+  """
+  c = config
+  _validate_model_and_data(c)
+  _validate_lengths(c)
+  _validate_optimizers(c)
+  _validate_prune(c)
+  _validate_quant(c)
+  _check_choice(c.encode.coder, "encode.coder", CODERS, "coder")
   _check(
-    c.checkpoint_every_steps >= 0,
+    isinstance(c.checkpoint_every_steps, int) and c.checkpoint_every_steps >= 0,
     "checkpoint_every_steps",
-    f"must be >= 0, got {c.checkpoint_every_steps}",
+    f"must be an integer >= 0, got {c.checkpoint_every_steps}",
   )
+  _check_positive_int(c.max_checkpoints, "max_checkpoints")
+  _check(
+    isinstance(c.log_every, int) and c.log_every >= 0,
+    "log_every",
+    f"must be an integer >= 0, got {c.log_every}",
+  )
+
+
+def check_workdir(workdir: str) -> None:
+  """Creates `workdir` if needed and checks that files can be written there.
+
+  Raises:
+    ConfigError: (key "workdir") for a regular file, a folder that cannot be
+      created, or one that is not writable.
+  """
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise ConfigError("workdir", f"{workdir} is not a folder")
+  try:
+    os.makedirs(workdir, exist_ok=True)
+    probe = os.path.join(workdir, f".write-test-{os.getpid()}")
+    with open(probe, "wb"):
+      pass
+    os.unlink(probe)
+  except OSError as e:
+    raise ConfigError("workdir", f"cannot write to {workdir}: {e.strerror or e}") from None
+
+
+# ----------------------------------------------------------------------------
+# Stage lengths
+# ----------------------------------------------------------------------------
+
+
+def length_steps(section, epochs_key: str, steps_key: str, steps_per_epoch: int) -> int | None:
+  """A length given as `section[steps_key]` steps or `section[epochs_key]` epochs, in steps.
+
+  Returns None when neither is set. Fractional epochs round to the nearest step.
+  """
+  if section[steps_key] is not None:
+    return int(section[steps_key])
+  if section[epochs_key] is not None:
+    return int(round(section[epochs_key] * steps_per_epoch))
+  return None
 
 
 def steps_for(epochs: float, steps_per_epoch: int) -> int:
-  """Optimizer steps of a stage lasting `epochs` (fractions allowed)."""
+  """Optimizer steps of a stretch lasting `epochs` (fractions allowed)."""
   return int(round(epochs * steps_per_epoch))
 
 
@@ -245,30 +424,41 @@ class QuantSteps:
 
 
 def quant_steps(config, steps_per_epoch: int) -> QuantSteps:
-  """The quantization stage's step counts (see `configs/default.py` for the keys).
+  """The quantization stage's step counts (docs/pipeline.md has the keys).
 
-  `quant_epochs_per_step == 0` is post-training quantization: no updates at
-  all. Otherwise there is one INQ step per entry of `quant.inq_fractions`,
-  each `quant_epochs_per_step` long but the last, which lasts
-  `quant.final_epochs` (< 0: the paper's ratio, 10/3 of the others: 3 and 10
-  epochs on ImageNet). `quant.inq_fractions=(1.0,)` quantizes everything at
-  once and fine-tunes for `quant.final_epochs`.
+  A zero INQ step length (`quant.epochs_per_step` or `quant.steps_per_step`)
+  is post-training quantization: no updates at all. Otherwise there is one INQ
+  step per entry of `quant.inq_fractions`, each that long but the last, which
+  lasts `quant.final_epochs` / `quant.final_steps` (neither set: the paper's
+  ratio, 10/3 of the others: 3 and 10 epochs on ImageNet).
+  `quant.inq_fractions=(1.0,)` quantizes everything at once and fine-tunes
+  for the final length.
   """
   q = config.quant
-  per = steps_for(config.quant_epochs_per_step, steps_per_epoch)
-  if per == 0:
+  per = length_steps(q, "epochs_per_step", "steps_per_step", steps_per_epoch)
+  if not per:
     return QuantSteps(per_inq_step=0, final=0, refit_every=0, num_inq_steps=1)
-  final_epochs = (
-    q.final_epochs if q.final_epochs >= 0 else config.quant_epochs_per_step * 10.0 / 3.0
-  )
-  final = steps_for(final_epochs, steps_per_epoch)
-  if q.refit_every_epochs is None:
+  final = length_steps(q, "final_epochs", "final_steps", steps_per_epoch)
+  if final is None:  # the paper's 10/3, from the length as given (epochs or steps)
+    if q.epochs_per_step is not None:
+      final = steps_for(q.epochs_per_step * 10.0 / 3.0, steps_per_epoch)
+    else:
+      final = int(round(per * 10.0 / 3.0))
+  refit = length_steps(q, "refit_every_epochs", "refit_every_steps", steps_per_epoch)
+  if refit is None:
     refit = per  # re-estimate at the first INQ boundary, then ever more rarely
-  else:
-    refit = steps_for(q.refit_every_epochs, steps_per_epoch)
   return QuantSteps(
     per_inq_step=per, final=final, refit_every=refit, num_inq_steps=len(tuple(q.inq_fractions))
   )
+
+
+def stage_steps(config, steps_per_epoch: int) -> dict[str, int]:
+  """Updates of each training stage: {"dense": n, "prune": n, "quantize": n}."""
+  return {
+    "dense": length_steps(config.dense, "epochs", "steps", steps_per_epoch) or 0,
+    "prune": length_steps(config.prune, "epochs", "steps", steps_per_epoch) or 0,
+    "quantize": quant_steps(config, steps_per_epoch).total,
+  }
 
 
 def config_json(config) -> dict[str, Any]:

@@ -13,8 +13,9 @@ What train_lib does with them (docs/integer_inference.md has the arithmetic):
 * evaluate: the reported compressed accuracy is the model with the weights,
   the activations and (with bn_bits > 0) the integer batch norm quantized
   (`fq.apply_quantized`); the accuracy with float activations is kept too.
-* encode: the .fqz metadata records the architecture (model, depth,
-  num_classes), the dataset, activation_bits, activation_scales and bn_bits,
+* encode: the .fqz metadata (`fq_jax.codec.metadata.ModelMetadata`) records
+  the architecture (model, depth, num_classes), the dataset, activation_bits,
+  activation_scales and bn_bits,
   so `fq-jax evaluate model.fqz --integer` needs nothing but the file and the
   dataset.
 """
@@ -28,7 +29,7 @@ import jax
 import numpy as np
 
 import fq_jax as fq
-from fq_jax.integer import activations as integer_lib
+from fq_jax.codec.metadata import ModelMetadata, parse_activation_scales
 
 # Data for the calibration: a fixed epoch index of its own (the order is a
 # function of (seed, epoch)), so a rerun calibrates on the same batches.
@@ -88,19 +89,22 @@ def model_for(ctx, scales, *, focus=None):
   )
 
 
-def metadata(ctx, scales) -> dict[str, Any]:
-  """The .fqz metadata the integer path needs beyond the model name and dataset."""
+def metadata(ctx, scales) -> ModelMetadata:
+  """The .fqz metadata of the run's model: architecture, dataset, bits and the integer settings."""
   c = ctx.config
   model = ctx.model
-  out: dict[str, Any] = {"architecture": c.model.name, "num_classes": int(ctx.source.num_classes)}
   depth = getattr(model, "depth", None)
-  if c.model.name == "cifar_resnet" and depth is not None:
-    out["depth"] = int(depth)
   width = getattr(model, "width", None)
-  if width is not None and c.model.name.startswith("mobilenet"):
-    out["width"] = float(width)
-  if scales and activation_bits(c):
-    out["activation_bits"] = activation_bits(c)
-    out["activation_scales"] = integer_lib.scales_to_json(scales)
-  out["bn_bits"] = bn_bits(c)
-  return out
+  act_bits = activation_bits(c) if scales else 0
+  return ModelMetadata(
+    model=c.model.name,
+    dataset=ctx.source.name,
+    depth=int(depth) if c.model.name == "cifar_resnet" and depth is not None else None,
+    width=float(width) if width is not None and c.model.name.startswith("mobilenet") else None,
+    num_classes=int(ctx.source.num_classes),
+    bits=int(c.quant.bits) if ctx.quantizes else 32,
+    seed=int(c.seed),
+    activation_bits=act_bits,
+    activation_scales=parse_activation_scales(scales) if act_bits else {},
+    bn_bits=bn_bits(c),
+  )

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import csv
+import io
 import os
 import sys
 from typing import Any
 
 from tqdm import tqdm
 
+from fq_jax.codec import atomic
 from fq_jax.pipeline.configuration import STAGES
 
 COLUMNS = (
@@ -31,10 +33,12 @@ def _position(stage: str, step: int) -> tuple[int, int]:
 
 
 class MetricsWriter:
-  """Appends rows to DIR/metrics.csv; a resumed run first drops rows past its position.
+  """Writes DIR/metrics.csv; a resumed run first drops rows past its position.
 
   Rows written after the checkpoint a run resumes from would otherwise appear
-  twice (once from the killed run, once when they are recomputed).
+  twice (once from the killed run, once when they are recomputed). Every
+  write replaces the whole file atomically (`fq_jax.codec.atomic`): the file
+  is small (a row per epoch and stage) and never left half-written.
   """
 
   def __init__(
@@ -42,30 +46,33 @@ class MetricsWriter:
   ):
     self.path = path
     self.enabled = enabled
+    self.rows: list[dict[str, str]] = []
     if not enabled:
       return
-    keep: list[dict[str, str]] = []
     if os.path.exists(path):
       with open(path, newline="") as f:
         for row in csv.DictReader(f):
           try:
             pos = _position(row["stage"], int(row["step"]))
-          except (KeyError, ValueError):
+          except (KeyError, TypeError, ValueError):
             continue
           if pos <= _position(resume_stage, resume_step):
-            keep.append(row)
-    with open(path, "w", newline="") as f:
-      writer = csv.DictWriter(f, COLUMNS)
-      writer.writeheader()
-      writer.writerows(keep)
+            self.rows.append({k: row.get(k) or "" for k in COLUMNS})
+    self._flush()
+
+  def _flush(self) -> None:
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, COLUMNS)
+    writer.writeheader()
+    writer.writerows(self.rows)
+    atomic.atomic_write(self.path, buf.getvalue())
 
   def write(self, **row: Any) -> None:
     """Appends one row (missing columns stay empty)."""
     if not self.enabled:
       return
-    with open(self.path, "a", newline="") as f:
-      writer = csv.DictWriter(f, COLUMNS)
-      writer.writerow({k: _fmt(row.get(k)) for k in COLUMNS})
+    self.rows.append({k: _fmt(row.get(k)) for k in COLUMNS})
+    self._flush()
 
 
 def _fmt(v: Any) -> str:

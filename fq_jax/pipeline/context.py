@@ -1,0 +1,238 @@
+"""What every stage of a run needs: the validated config, model, data, mesh and rules.
+
+`make_context` checks the whole config (and the workdir) before any work, so a
+bad setting stops the run before the first step with a one-line `ConfigError`.
+The evaluation helpers live here too: they need nothing but the context.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import fq_jax as fq
+from fq_jax import models as models_lib
+from fq_jax.pipeline import configuration as cfg
+from fq_jax.pipeline import input_pipeline
+from fq_jax.pipeline import sharding as sharding_lib
+from fq_jax.pipeline import steps as steps_lib
+from fq_jax.pipeline.configuration import ConfigError
+
+Log = Callable[[str], None]
+
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+@dataclasses.dataclass
+class Context:
+  """What every stage needs; built once per run by `make_context`.
+
+  Attributes:
+    config: the validated config.
+    workdir: output folder.
+    model: the Flax model.
+    model_name: its label ("digits_cnn", "cifar_resnet-20", ...).
+    source: the dataset.
+    mesh: the device mesh.
+    rules: one exact `fq.Rule` per compressed parameter (`cfg.compression_rules`).
+    init_variables: `init_from`'s variables, or None.
+    log: where progress lines go.
+    is_main: whether this host writes files.
+  """
+
+  config: Any
+  workdir: str
+  model: Any
+  model_name: str
+  source: input_pipeline.DataSource
+  mesh: jax.sharding.Mesh
+  rules: tuple[fq.Rule, ...]
+  init_variables: dict[str, Any] | None
+  log: Log
+  is_main: bool
+  _eval_step: Any = None
+  _quantized: Any = None
+
+  @property
+  def top5(self) -> bool:
+    return self.source.num_classes > 10
+
+  @property
+  def compress(self) -> bool:
+    """False in reference mode: the later stages train the float model."""
+    return not self.config.reference_only
+
+  @property
+  def prunes(self) -> bool:
+    return self.compress and self.config.prune.method != "none"
+
+  @property
+  def quantizes(self) -> bool:
+    return self.compress and self.config.quant.enabled
+
+  @property
+  def steps_per_epoch(self) -> int:
+    return self.source.steps_per_epoch
+
+
+def _load_init(config, model_name: str) -> tuple[int | None, dict[str, Any] | None]:
+  """Reads `init_from`: (cifar depth or None, variables as numpy trees)."""
+  path = config.init_from
+  if not path:
+    return config.model.depth, None
+  try:
+    with np.load(path) as data:
+      arrays = {k: data[k] for k in data.files}
+  except (OSError, ValueError) as e:
+    raise ConfigError("init_from", f"cannot read {path}: {e}") from None
+  if any("/" in k for k in arrays):
+    variables: dict[str, Any] = {}
+    for key, value in arrays.items():
+      node = variables
+      *parents, leaf = key.split("/")
+      for p in parents:
+        node = node.setdefault(p, {})
+      node[leaf] = value
+    return config.model.depth, variables
+  if model_name != "cifar_resnet":
+    raise ConfigError(
+      "init_from", f"{path} is a PyTorch state dict; only cifar_resnet imports those"
+    )
+  try:
+    depth, variables = models_lib.import_torch_cifar_resnet(path)
+  except ValueError as e:
+    raise ConfigError("init_from", str(e).splitlines()[0]) from None
+  if config.model.depth is not None and config.model.depth != depth:
+    raise ConfigError("model.depth", f"{config.model.depth}, but {path} holds a ResNet-{depth}")
+  return depth, variables
+
+
+def _check_structure(variables, abstract, path: str) -> None:
+  want = jax.tree.map(lambda x: tuple(x.shape), abstract)
+  got = jax.tree.map(lambda x: tuple(np.shape(x)), {k: variables.get(k, {}) for k in abstract})
+  if want != got:
+    raise ConfigError("init_from", f"{path} does not match the model's variables")
+
+
+def make_context(config, workdir: str, *, mesh=None, log: Log = print) -> Context:
+  """Validates the config and the workdir; builds the model, data source, mesh and rules.
+
+  Raises:
+    ConfigError: for a bad setting or workdir (one line naming the key).
+  """
+  cfg.validate(config)
+  cfg.check_workdir(workdir)
+  mesh = sharding_lib.make_mesh() if mesh is None else mesh
+  for key in ("batch_size", "eval_batch_size"):
+    try:
+      sharding_lib.check_batch_size(config[key], mesh, key)
+    except ValueError as e:
+      raise ConfigError(key, str(e).split(": ", 1)[1]) from None
+  source = input_pipeline.make_source(config)
+  name = config.model.name
+  depth, init_vars = _load_init(config, name)
+  kwargs: dict[str, Any] = dict(num_classes=source.num_classes, dtype=_DTYPES[config.model.dtype])
+  if name == "cifar_resnet":
+    kwargs["depth"] = depth or 20
+  model = models_lib.get_model(name, **kwargs)
+  ctx = Context(
+    config=config,
+    workdir=workdir,
+    model=model,
+    model_name=f"{name}-{kwargs['depth']}" if name == "cifar_resnet" else name,
+    source=source,
+    mesh=mesh,
+    rules=(),
+    init_variables=None,
+    log=log,
+    is_main=jax.process_index() == 0,
+  )
+  ctx.rules = cfg.compression_rules(config, abstract_variables(ctx)["params"])
+  if init_vars is not None:
+    _check_structure(init_vars, abstract_variables(ctx), config.init_from)
+    ctx.init_variables = {k: init_vars[k] for k in ("params", "batch_stats") if k in init_vars}
+  return ctx
+
+
+def abstract_variables(ctx: Context) -> dict[str, Any]:
+  """Shapes of {'params', 'batch_stats'} (no compute)."""
+  x = jnp.zeros((1, *ctx.source.image_shape), jnp.float32)
+  out = jax.eval_shape(lambda: ctx.model.init(jax.random.key(0), x, train=False))
+  return {"params": out["params"], "batch_stats": out.get("batch_stats", {})}
+
+
+def initial_variables(ctx: Context) -> dict[str, Any]:
+  """`init_from`'s variables, or a fresh initialisation from the seed."""
+  if ctx.init_variables is not None:
+    v = ctx.init_variables
+    return {"params": v["params"], "batch_stats": v.get("batch_stats", {})}
+  x = jnp.zeros((1, *ctx.source.image_shape), jnp.float32)
+  out = jax.jit(lambda: ctx.model.init(jax.random.key(ctx.config.seed), x, train=False))()
+  return {"params": out["params"], "batch_stats": out.get("batch_stats", {})}
+
+
+def requested_sparsity(ctx: Context) -> dict[str, float]:
+  """{parameter path: the sparsity the rules ask for} for every compressed parameter."""
+  specs = fq.resolve(
+    abstract_variables(ctx)["params"], ctx.rules, sparsity=ctx.config.prune.sparsity
+  )
+  leaves = jax.tree.leaves(specs, is_leaf=lambda x: x is None)
+  return {s.path: (s.sparsity if s.prune and ctx.prunes else 0.0) for s in leaves if s is not None}
+
+
+# ----------------------------------------------------------------------------
+# Evaluation
+# ----------------------------------------------------------------------------
+
+
+def forward_variables(ctx: Context, carry: dict[str, Any]) -> dict[str, Any]:
+  """The variables inference uses: quantized parameters when there is an FQ state."""
+  params = carry["params"]
+  if carry.get("opt_state") is not None and ctx.quantizes:
+    if ctx._quantized is None:
+      ctx._quantized = jax.jit(fq.quantized)
+    params = ctx._quantized(params, carry["opt_state"])
+  out = {"params": params}
+  if carry.get("batch_stats"):
+    out["batch_stats"] = carry["batch_stats"]
+  return out
+
+
+def evaluate(ctx: Context, variables: dict[str, Any], model=None) -> dict[str, float]:
+  """Test-split loss, top-1 (and top-5) accuracy of `variables` (with `model`, default ctx.model)."""
+  if ctx._eval_step is None:
+    ctx._eval_step = steps_lib.jit_eval_step(
+      steps_lib.make_eval_step(ctx.model, ctx.top5), ctx.mesh
+    )
+  eval_step = (
+    ctx._eval_step
+    if model is None
+    else steps_lib.jit_eval_step(steps_lib.make_eval_step(model, ctx.top5), ctx.mesh)
+  )
+  variables = sharding_lib.put_replicated(variables, ctx.mesh)
+  bs = sharding_lib.batch_sharding(ctx.mesh)
+  sums = None
+  for batch in ctx.source.eval_batches():
+    out = eval_step(variables, sharding_lib.put_batch(batch, bs))
+    sums = out if sums is None else jax.tree.map(jnp.add, sums, out)
+  sums = {k: float(steps_lib.host_value(v)) for k, v in sums.items()}
+  n = max(sums["count"], 1.0)
+  result = {"accuracy": sums["correct"] / n, "loss": sums["loss"] / n}
+  if ctx.top5:
+    result["top5"] = sums["correct5"] / n
+  return result
+
+
+def accuracy_fields(result: dict[str, float]) -> dict[str, float]:
+  """The accuracy entries of an `evaluate` result (what the report keeps)."""
+  return {k: result[k] for k in ("accuracy", "top5", "accuracy_float_activations") if k in result}
+
+
+def to_host(tree):
+  """numpy copies of (replicated, possibly multi-host) arrays; None leaves stay."""
+  return jax.tree.map(steps_lib.host_value, tree)
