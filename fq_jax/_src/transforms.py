@@ -17,11 +17,13 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import operator
 from collections.abc import Callable, Sequence
 from typing import Any, Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from fq_jax._src import masks as masks_lib
@@ -138,7 +140,14 @@ def _check_unmatched(unmatched, where: str) -> None:
 
 
 def _is_int(x) -> bool:
-  return isinstance(x, int) and not isinstance(x, bool)
+  """An integer (Python or NumPy), not a bool."""
+  if isinstance(x, (bool, np.bool_)):
+    return False
+  try:
+    operator.index(x)
+  except TypeError:
+    return False
+  return True
 
 
 # ----------------------------------------------------------------------------
