@@ -1,9 +1,9 @@
 """An NNX model is compressed through the same pure functions as a linen one.
 
-The bridge is the parameter state as a plain dict: `nnx.split` gives the
-graph definition and `nnx.State`s, `nnx.to_pure_dict` turns the parameters
-into {'conv': {'kernel': ...}, ...} (paths that `fq.DEFAULT_RULES` match), and
-each step rebuilds the module with `nnx.merge` from the forward-pass dict.
+Two bridges: the parameter state as a plain dict (`nnx.to_pure_dict`, each
+step rebuilding the module with `nnx.merge`), and `nnx.Optimizer` holding an
+fq transformation directly, with `nnx.State` paths ('conv/kernel/value' in
+JAX's key path) normalised to the linen ones ('conv/kernel').
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from flax import nnx
+from flax import linen, nnx
 
 import fq_jax as fq
 from fq_jax.data import epoch_batches, load_digits
@@ -104,3 +104,125 @@ def test_nnx_model_through_masks_and_focused_quantization():
   x, y = ds.test
   accuracy = float(jnp.mean(jnp.argmax(model(x), -1) == y))
   assert accuracy > 0.5  # one epoch: far from trained, far better than chance
+
+
+class DigitsLinen(linen.Module):
+  """The linen twin of `DigitsNNX`: same layers, names and shapes."""
+
+  @linen.compact
+  def __call__(self, x, train: bool):
+    x = linen.Conv(16, (3, 3), use_bias=False, name="conv")(x)
+    x = linen.BatchNorm(use_running_average=not train, momentum=0.5, name="bn")(x)
+    x = linen.max_pool(linen.relu(x), (2, 2), strides=(2, 2))
+    return linen.Dense(10, name="fc")(x.reshape(x.shape[0], -1))
+
+
+def _nnx_train(model, tx, batches):
+  """The documented pattern: an `nnx.Optimizer` holding an fq transformation."""
+  opt = nnx.Optimizer(model, tx, wrt=nnx.Param)
+
+  @nnx.jit
+  def step(model, opt, x, y):
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+
+    def loss_fn(params):
+      # Fresh copies of the other Variables: NNX refuses to mutate (BatchStats)
+      # a Variable created outside this grad trace.
+      others = jax.tree.map(lambda a: a, rest)
+      forward = nnx.merge(graphdef, fq.quantized(params, opt), others)
+      return steps_lib.cross_entropy(forward(x), y), nnx.state(forward, nnx.BatchStat)
+
+    (_, stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+    nnx.update(model, stats)
+    opt.update(model, grads)
+
+  model.train()
+  for x, y in batches:
+    step(model, opt, x, y)
+  return opt
+
+
+def _linen_train(params, stats, tx, batches):
+  state = tx.init(params)
+
+  @jax.jit
+  def step(params, stats, state, x, y):
+    def loss_fn(p):
+      variables = {"params": fq.quantized(p, state), "batch_stats": stats}
+      logits, new = DigitsLinen().apply(variables, x, train=True, mutable=["batch_stats"])
+      return steps_lib.cross_entropy(logits, y), new["batch_stats"]
+
+    (_, stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+    updates, state = tx.update(grads, state, params)
+    return optax.apply_updates(params, updates), stats, state
+
+  for x, y in batches:
+    params, stats, state = step(params, stats, state, x, y)
+  return params, stats, state
+
+
+def _flat(tree, **kwargs):
+  return {fq.path_str(p): x for p, x in jax.tree_util.tree_leaves_with_path(tree, **kwargs)}
+
+
+def _encode(params, stats, state):
+  is_focus = lambda x: isinstance(x, fq.FocusState)
+  arrays = {f"params/{k}": np.asarray(v) for k, v in _flat(params).items()}
+  arrays |= {f"batch_stats/{k}": np.asarray(v) for k, v in _flat(stats).items()}
+  focus = _flat(fq.find_state(state).focus, is_leaf=is_focus)
+  return fq.encode_model(arrays, focus={f"params/{k}": f for k, f in focus.items()})
+
+
+def test_nnx_model_trains_prunes_quantizes_and_encodes_like_its_linen_twin():
+  ds = load_digits()
+  batches = [
+    (b["image"], b["label"]) for b in list(epoch_batches(*ds.train, 32, epoch=0, seed=0))[:9]
+  ]
+  model = DigitsNNX(nnx.Rngs(0))
+  # The NNX parameter state has the linen paths: the default rules select the kernels.
+  assert sorted(_flat(nnx.state(model, nnx.Param))) == sorted(
+    _flat(DigitsLinen().init(jax.random.key(0), batches[0][0], train=False)["params"])
+  )
+  params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+  stats = nnx.to_pure_dict(nnx.state(model, nnx.BatchStat))
+
+  # 1. DNS pruning.
+  dns = fq.dns_pruning(optax.sgd(0.05, momentum=0.9), sparsity=0.6)
+  opt = _nnx_train(model, dns, batches[:4])
+  params, stats, dns_state = _linen_train(params, stats, dns, batches[:4])
+  nnx_masks = _flat(fq.find_state(opt).masks)
+  assert sorted(nnx_masks) == ["conv/kernel", "fc/kernel"]
+  for k, m in _flat(dns_state.masks).items():
+    np.testing.assert_array_equal(nnx_masks[k], m)
+  # Freeze the masks: fq.quantized of a PruneState is the masked tree, in NNX containers.
+  nnx.update(model, fq.quantized(nnx.state(model, nnx.Param), opt))
+  params = fq.apply_masks(params, dns_state.masks)
+
+  # 2. Focused quantization through the whole INQ schedule.
+  tx = fq.focused_quantization(
+    optax.sgd(0.05, momentum=0.9), bits=4, schedule=fq.inq_schedule(1), seed=3
+  )
+  opt = _nnx_train(model, tx, batches[4:])
+  params, stats, fq_state = _linen_train(params, stats, tx, batches[4:])
+  assert fq.quantized_fraction(opt) == fq.quantized_fraction(fq_state) == 1.0
+  nnx_params = _flat(nnx.state(model, nnx.Param))
+  for k, v in _flat(params).items():
+    np.testing.assert_allclose(nnx_params[k], v, rtol=1e-6, atol=1e-7, err_msg=k)
+  nnx_q = _flat(fq.quantized(nnx.state(model, nnx.Param), opt))
+  for k, v in _flat(fq.quantized(params, fq_state)).items():
+    np.testing.assert_allclose(nnx_q[k], v, rtol=1e-6, atol=1e-7, err_msg=k)
+  assert [r["path"] for r in fq.layer_report(nnx.state(model, nnx.Param), opt)] == [
+    "conv/kernel",
+    "fc/kernel",
+  ]
+
+  # 3. The encoded files agree, and decode to the forward-pass weights.
+  nnx_bytes = _encode(nnx.state(model, nnx.Param), nnx.state(model, nnx.BatchStat), opt)
+  linen_bytes = _encode(params, stats, fq_state)
+  decoded = fq.decode_model(nnx_bytes)
+  linen_decoded = fq.decode_model(linen_bytes)
+  for k in ("conv/kernel", "fc/kernel"):
+    np.testing.assert_array_equal(decoded.arrays[f"params/{k}"], nnx_q[k])
+    np.testing.assert_allclose(
+      decoded.arrays[f"params/{k}"], linen_decoded.arrays[f"params/{k}"], rtol=1e-6
+    )

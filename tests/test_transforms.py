@@ -318,3 +318,59 @@ def test_layer_report_rows():
     np.testing.assert_allclose(r["entropy_bits"], -(p * np.log2(p)).sum(), rtol=1e-9)
     assert r["entropy_bits"] <= 5
   assert "conv/kernel" in fq.format_report(rows)
+
+
+def _masked_fq_run(make_tx, steps=2):
+  """Runs `steps` FQ steps with the fq transformation applied to 'conv' only."""
+  params = make_params()
+  tx = make_tx()
+  state = tx.init(params)
+
+  @jax.jit
+  def step(params, state):
+    grads = jax.grad(lambda p: loss_fn(fq.quantized(p, state)))(params)
+    updates, state = tx.update(grads, state, params)
+    return optax.apply_updates(params, updates), state
+
+  for _ in range(steps):
+    params, state = step(params, state)
+  return params, state
+
+
+def test_optax_masked_and_multi_transform_leave_masked_leaves_uncompressed():
+  fq_tx = lambda: fq.focused_quantization(optax.sgd(0.05), bits=4, alpha_optimizer=None)
+  labels = {"conv": {"kernel": "fq", "bias": "fq"}, "dense": {"kernel": "plain"}}
+  only_conv = {"conv": {"kernel": True, "bias": True}, "dense": {"kernel": False}}
+  masked_params, masked_state = _masked_fq_run(
+    lambda: optax.chain(
+      optax.masked(fq_tx(), only_conv),
+      optax.masked(optax.sgd(0.05), {"conv": False, "dense": True}),
+    )
+  )
+  multi_params, multi_state = _masked_fq_run(
+    lambda: optax.multi_transform({"fq": fq_tx(), "plain": optax.sgd(0.05)}, labels)
+  )
+  # The oracle: the conv layer alone under FQ, the dense layer under plain SGD.
+  conv_only = {"conv": make_params()["conv"]}
+  tx = fq_tx()
+  state = tx.init(conv_only)
+  dense = make_params()["dense"]
+  for _ in range(2):
+    full_q = {**fq.quantized(conv_only, state), "dense": dense}
+    grads = jax.grad(loss_fn)(full_q)
+    updates, state = tx.update({"conv": grads["conv"]}, state, conv_only)
+    conv_only = optax.apply_updates(conv_only, updates)
+    dense = jax.tree.map(lambda w, g: w - 0.05 * g, dense, grads["dense"])
+
+  for params, opt_state in ((masked_params, masked_state), (multi_params, multi_state)):
+    fq_state = fq.find_state(opt_state)
+    assert isinstance(fq_state.masks["dense"]["kernel"], optax.MaskedNode)
+    q = fq.quantized(params, opt_state)
+    np.testing.assert_array_equal(q["dense"]["kernel"], params["dense"]["kernel"])
+    np.testing.assert_allclose(params["dense"]["kernel"], dense["kernel"], rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(params["conv"]["kernel"], conv_only["conv"]["kernel"], rtol=1e-5)
+    np.testing.assert_array_equal(
+      q["conv"]["kernel"], fq.quantized(conv_only, state)["conv"]["kernel"]
+    )
+    assert [r["path"] for r in fq.layer_report(params, opt_state)] == ["conv/kernel"]
+    assert fq.quantized_fraction(opt_state) == 1.0

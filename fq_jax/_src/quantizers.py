@@ -238,6 +238,42 @@ def focused_values(
   return jnp.where(state.mask, jnp.asarray(alpha, jnp.float32) * unscaled, 0.0).astype(dtype)
 
 
+def _mix32(x):
+  """The murmur3 32-bit finaliser: a bijection on uint32 with full avalanche."""
+  x = (x ^ (x >> 16)) * jnp.uint32(0x85EBCA6B)
+  x = (x ^ (x >> 13)) * jnp.uint32(0xC2B2AE35)
+  return x ^ (x >> 16)
+
+
+def hashed_uniform(key: jax.Array, shape) -> jax.Array:
+  """Uniform float32 in [0, 1) per position, from a counter-based hash of (key, index).
+
+  Used to sample the component assignments instead of `jax.random.bernoulli`:
+  threefry's bit generator is a large computation for XLA to compile (on CPU
+  it took half of `focus`'s compile time, once per layer group, in `init` and
+  again in the train step), while this is three integer multiply-xorshift
+  rounds. Statistically it only needs to be uniform and independent across
+  positions and keys, which the murmur3 finaliser gives for this use.
+
+  Args:
+    key: a `jax.random.key` (typed) or raw uint32 key data.
+    shape: the output shape.
+
+  Returns:
+    float32 array of `shape`, multiples of 2^-24.
+  """
+  data = jax.random.key_data(key) if jnp.issubdtype(key.dtype, jax.dtypes.prng_key) else key
+  words = jnp.ravel(jnp.asarray(data, jnp.uint32))
+  seed = _mix32(words[0] ^ _mix32(words[-1] + jnp.uint32(0x9E3779B9)))
+  size = 1
+  for d in shape:
+    size *= d
+  index = jnp.arange(size, dtype=jnp.uint32).reshape(shape)
+  x = _mix32(index * jnp.uint32(0x9E3779B1) + seed)
+  x = _mix32(x ^ seed)
+  return (x >> 8).astype(jnp.float32) * jnp.float32(2.0**-24)
+
+
 def focus(
   w: jax.Array,
   mask: jax.Array | None,
@@ -262,7 +298,7 @@ def focus(
   components share one sigma, pooled as sqrt(sum_c lambda_c sigma_c^2) (the
   within-component standard deviation; PAPER.md leaves the pooling open). The
   component m_w of each kept weight is sampled from the mixture's posterior
-  with `key`. The bias follows `overflow_bias` on the values the shift code
+  with `key` (through `hashed_uniform`, cheap to compile). The bias follows `overflow_bias` on the values the shift code
   sees ((w - mu_m) / sigma for a recentralized layer).
 
   Args:
@@ -303,15 +339,15 @@ def focus(
   means = round_to_power_of_two(gmm.means)
   sigma = jnp.sqrt(jnp.sum(gmm.weights * gmm.stds**2))
   p_plus = gmm_lib.gmm_posterior(gmm, w)
-  assignment = jax.random.bernoulli(key, p_plus) & kept & recentralized
+  assignment = (hashed_uniform(key, jnp.shape(w)) < p_plus) & kept & recentralized
 
   x = jnp.asarray(w, jnp.float32)
   centred = (x - jnp.where(assignment, means[1], means[0])) / sigma
-  bias = jnp.where(
-    recentralized,
-    overflow_bias(centred, bits=max(bits - 1, MIN_BITS), mask=kept),
-    overflow_bias(x, bits=bits, mask=kept),
+  # Both candidate biases from one batched sort (one sort to compile, not two).
+  both = jax.vmap(lambda v, b: overflow_bias(v, bits=b, mask=kept))(
+    jnp.stack([centred, x]), jnp.asarray([max(bits - 1, MIN_BITS), bits], jnp.int32)
   )
+  bias = jnp.where(recentralized, both[0], both[1])
   return FocusState(
     recentralized=recentralized,
     bits=jnp.int32(bits),

@@ -9,7 +9,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from fq_jax._src import quantizers, transforms
-from fq_jax._src import rules as rules_lib
 
 
 def empirical_entropy(symbols: np.ndarray) -> float:
@@ -48,15 +47,7 @@ def layer_report(params, state) -> list[dict[str, Any]]:
   if not isinstance(state, transforms.FQState):
     raise TypeError("layer_report needs the state of fq.focused_quantization")
   rows = []
-  paths = rules_lib.leaf_paths(params)
-  is_leaf = lambda x: x is None or isinstance(x, quantizers.FocusState)
-  leaves, treedef = jax.tree.flatten(state.masks, is_leaf=is_leaf)
-  focus = treedef.flatten_up_to(state.focus)
-  ws = treedef.flatten_up_to(params)
-  ps = treedef.flatten_up_to(paths)
-  for m, f, w, path in zip(leaves, focus, ws, ps):
-    if m is None:
-      continue
+  for path, m, f, w in transforms.aligned_layers(params, state):
     kept = int(np.sum(np.asarray(m)))
     row = dict(
       path=path,
@@ -86,7 +77,17 @@ def layer_report(params, state) -> list[dict[str, Any]]:
 
 
 def format_report(rows: list[dict[str, Any]]) -> str:
-  """A fixed-width text table of `layer_report` rows."""
+  """A fixed-width text table of `layer_report` rows.
+
+  Columns: path; shape; kept (weights the mask keeps); sparsity (pruned
+  fraction); kind (recentralized: Eq. 2, shift: Eq. 1 power-of-two,
+  pruned: masked but left in float); W (the layer's Wasserstein separation
+  of Eq. 4, compared with `w_sep` to choose recentralized over shift; "-"
+  for prune-only leaves); bits (n, 32 for float); mse (mean squared
+  quantization error over kept weights); H bits (empirical entropy of the
+  kept weights' symbols, bits per weight: what an ideal entropy coder
+  would spend).
+  """
   header = f"{'path':<40} {'shape':<18} {'kept':>9} {'sparsity':>8} {'kind':<13} {'W':>6} {'bits':>4} {'mse':>10} {'H bits':>6}"
   lines = [header, "-" * len(header)]
   for r in rows:

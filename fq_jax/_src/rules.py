@@ -2,9 +2,16 @@
 
 A parameter's path is its tree path joined with '/', for example
 `params/stage1_block0/conv1/kernel` for a Flax `variables` dict or
-`conv1/kernel` for `variables['params']`. Rules are tried in order; the first
-whose `pattern` matches (`re.search`) decides. A leaf no rule matches is left
-in float, as are non-floating leaves whatever the rules say.
+`conv1/kernel` for `variables['params']`. A Flax NNX `Variable` (`nnx.Param`,
+or the `OptArray` of an `nnx.Optimizer` state) adds no component: its payload
+key (`.value`) is dropped, so `nnx.split(model, nnx.Param)` gives the same
+paths as `nnx.to_pure_dict` of it and as the linen twin's `params`. This is
+the one place paths are normalised; every fq-jax function that names or
+matches leaves goes through `path_str`.
+
+Rules are tried in order; the first whose `pattern` matches (`re.search`)
+decides. A leaf no rule matches is left in float, as are non-floating leaves
+whatever the rules say (`check_selection` reports both cases).
 
 Example (first convolution at 8 bits and dense, everything else default):
 
@@ -18,6 +25,8 @@ import dataclasses
 import math
 import numbers
 import re
+import sys
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -62,11 +71,14 @@ class Rule:
       re.compile(self.pattern)
     except re.error as e:
       raise ValueError(f"Rule pattern {self.pattern!r} is not a regex: {e}") from None
-    _check_sparsity(self.sparsity, f"Rule(pattern={self.pattern!r}).sparsity")
-    _check_sensitivity(self.sensitivity, f"Rule(pattern={self.pattern!r}).sensitivity")
+    where = f"Rule(pattern={self.pattern!r})"
+    _check_sparsity(self.sparsity, f"{where}.sparsity")
+    _check_sensitivity(self.sensitivity, f"{where}.sensitivity")
     if self.sparsity is not None and self.sensitivity is not None:
-      raise ValueError(f"Rule(pattern={self.pattern!r}): give sparsity or sensitivity, not both")
-    _check_bits(self.bits, f"Rule(pattern={self.pattern!r}).bits")
+      raise ValueError(f"{where}: give sparsity or sensitivity, not both")
+    _check_bits(self.bits, f"{where}.bits")
+    if self.w_sep is not None:
+      check_w_sep(self.w_sep, f"{where}.w_sep")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -85,9 +97,13 @@ class LayerSpec:
   sensitivity: float | None = None
 
 
+def _is_number(x) -> bool:
+  return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
 def _check_sparsity(sparsity, where):
-  if sparsity is not None and not 0.0 <= sparsity < 1.0:
-    raise ValueError(f"{where}: sparsity must be in [0, 1), got {sparsity}")
+  if sparsity is not None and not (_is_number(sparsity) and 0.0 <= sparsity < 1.0):
+    raise ValueError(f"{where}: sparsity must be in [0, 1), got {sparsity!r}")
 
 
 def _check_sensitivity(sensitivity, where):
@@ -101,12 +117,58 @@ def _check_sensitivity(sensitivity, where):
 
 def _check_bits(bits, where):
   if bits is not None and not (
-    isinstance(bits, int) and quantizers.MIN_BITS <= bits <= quantizers.MAX_BITS
+    isinstance(bits, int)
+    and not isinstance(bits, bool)
+    and quantizers.MIN_BITS <= bits <= quantizers.MAX_BITS
   ):
     raise ValueError(
       f"{where}: bits must be an integer in [{quantizers.MIN_BITS}, "
       f"{quantizers.MAX_BITS}], got {bits!r}"
     )
+
+
+def check_w_sep(w_sep, where: str) -> None:
+  """Raises ValueError unless `w_sep` is a finite number >= 0 (Eq. 4's threshold)."""
+  if not (_is_number(w_sep) and math.isfinite(w_sep) and w_sep >= 0):
+    raise ValueError(f"{where}: w_sep must be a finite number >= 0, got {w_sep!r}")
+
+
+def check_sparsity(sparsity, where: str) -> None:
+  """Raises ValueError unless `sparsity` is None or in [0, 1)."""
+  _check_sparsity(sparsity, where)
+
+
+def check_bits(bits, where: str) -> None:
+  """Raises ValueError unless `bits` is None or an integer in [MIN_BITS, MAX_BITS]."""
+  _check_bits(bits, where)
+
+
+def as_rules(rules, where: str) -> tuple[Rule, ...]:
+  """Normalises `rules`: one `Rule` is a one-rule tuple; anything else must hold Rules.
+
+  Args:
+    rules: a `Rule` or a sequence of them.
+    where: the caller's name, for the error message.
+
+  Returns:
+    A tuple of Rules.
+
+  Raises:
+    TypeError: naming the argument, for anything else.
+  """
+  if isinstance(rules, Rule):
+    return (rules,)
+  if isinstance(rules, (str, bytes)) or not isinstance(rules, Sequence):
+    raise TypeError(
+      f"{where}: rules must be a Rule or a sequence of Rules, got {type(rules).__name__}"
+    )
+  bad = [r for r in rules if not isinstance(r, Rule)]
+  if bad:
+    raise TypeError(
+      f"{where}: rules must be a Rule or a sequence of Rules, got an item of type "
+      f"{type(bad[0]).__name__}"
+    )
+  return tuple(rules)
 
 
 # Convolution and dense kernels are compressed; biases, normalization scales
@@ -121,9 +183,45 @@ def _key_name(key) -> str:
   return str(key)
 
 
+def _is_variable_payload(key) -> bool:
+  # A Flax NNX Variable flattens to one child under GetAttrKey('value'); a dict
+  # entry named 'value' is a DictKey and stays part of the path.
+  return isinstance(key, jax.tree_util.GetAttrKey) and key.name == "value"
+
+
 def path_str(path: Sequence[Any]) -> str:
-  """'/'-joins a `jax.tree_util` key path: ('params', 'conv', 'kernel') -> 'params/conv/kernel'."""
-  return "/".join(_key_name(k) for k in path)
+  """'/'-joins a `jax.tree_util` key path: ('params', 'conv', 'kernel') -> 'params/conv/kernel'.
+
+  The `.value` of a Flax NNX `Variable` is dropped: an `nnx.State` leaf at
+  ('conv', 'kernel', GetAttrKey('value')) is 'conv/kernel'.
+  """
+  return "/".join(_key_name(k) for k in path if not _is_variable_payload(k))
+
+
+def _nnx_variable_type():
+  # Only a program that imported flax.nnx can hold Variables; importing it here
+  # would cost every linen user its import time.
+  module = sys.modules.get("flax.nnx")
+  return None if module is None else getattr(module, "Variable", None)
+
+
+def unwrap_variables(tree):
+  """`tree` with every Flax NNX `Variable` replaced by its array (else unchanged).
+
+  Args:
+    tree: any pytree, e.g. an `nnx.State` of `nnx.Param`s or the state of an
+      `nnx.Optimizer` (whose arrays are wrapped in `OptArray`s).
+
+  Returns:
+    The same containers with bare arrays; `tree` itself if it holds no Variable.
+  """
+  variable = _nnx_variable_type()
+  if variable is None:
+    return tree
+  is_var = lambda x: isinstance(x, variable)
+  if not any(is_var(x) for x in jax.tree.leaves(tree, is_leaf=is_var)):
+    return tree
+  return jax.tree.map(lambda x: x.get_value() if is_var(x) else x, tree, is_leaf=is_var)
 
 
 def leaf_paths(tree) -> Any:
@@ -172,7 +270,7 @@ def resolve(
   _check_sparsity(sparsity, "sparsity")
   _check_bits(bits, "bits")
   _check_sensitivity(sensitivity, "sensitivity")
-  compiled = [(re.compile(r.pattern), r) for r in rules]
+  compiled = [(re.compile(r.pattern), r) for r in as_rules(rules, "fq.resolve")]
 
   def one(path, leaf):
     name = path_str(path)
@@ -195,6 +293,80 @@ def resolve(
     return None
 
   return jax.tree_util.tree_map_with_path(one, params)
+
+
+def _summary(paths: Sequence[str], limit: int = 8) -> str:
+  shown = ", ".join(paths[:limit])
+  more = len(paths) - limit
+  return (shown + (f", ... ({more} more)" if more > 0 else "")) or "(none)"
+
+
+def check_selection(
+  params, rules: Sequence[Rule], *, where: str, unmatched: str = "raise", min_selected: int = 1
+) -> None:
+  """Says when the rules select less than the user probably meant.
+
+  Three cases, each named with the rule and the paths that exist:
+  no leaf selected at all (raised when `unmatched` is "raise", warned when
+  "warn"); a rule whose pattern matches no leaf; leaves a rule matches that
+  are left in float because they are not floating point (both warned unless
+  `unmatched` is "ignore"). A leaf a rule matches whose rank is below
+  `min_ndim` is left in float silently: that is what `min_ndim` is for.
+
+  Args:
+    params: the parameter tree (arrays or `jax.ShapeDtypeStruct`s).
+    rules: the rules.
+    where: the caller's name, for the message.
+    unmatched: "raise", "warn" or "ignore".
+    min_selected: how many selected leaves count as a selection.
+
+  Raises:
+    ValueError: when nothing is selected and `unmatched` is "raise".
+  """
+  if unmatched == "ignore":
+    return
+  leaves = [
+    (path_str(p), x)
+    for p, x in jax.tree_util.tree_flatten_with_path(params)[0]
+    if hasattr(x, "dtype") and hasattr(x, "shape")
+  ]
+  paths = [p for p, _ in leaves]
+  compiled = [(re.compile(r.pattern), r) for r in rules]
+  hits = [0] * len(compiled)
+  selected = 0
+  non_float = []
+  for name, leaf in leaves:
+    for i, (regex, rule) in enumerate(compiled):
+      if regex.search(name):
+        hits[i] += 1
+        if not jnp.issubdtype(leaf.dtype, jnp.floating):
+          if rule.prune or rule.quantize:
+            non_float.append(f"{name} ({jnp.dtype(leaf.dtype).name})")
+        elif (rule.prune or rule.quantize) and len(leaf.shape) >= rule.min_ndim:
+          selected += 1
+        break
+  silence = f"pass unmatched='ignore' to {where} to silence this"
+  if selected < min_selected:
+    patterns = [r.pattern for r in rules]
+    msg = f"{where}: the rules {patterns} select no parameter to compress; paths: {_summary(paths)}"
+    if unmatched == "raise":
+      raise ValueError(msg + f" (pass unmatched='warn' or 'ignore' to {where} to allow it)")
+    warnings.warn(msg, stacklevel=3)
+    return
+  for (_, rule), n in zip(compiled, hits):
+    if n == 0:
+      warnings.warn(
+        f"{where}: Rule(pattern={rule.pattern!r}) matches no parameter that an earlier "
+        "rule does not take; "
+        f"paths: {_summary(paths)} ({silence})",
+        stacklevel=3,
+      )
+  if non_float:
+    warnings.warn(
+      f"{where}: left uncompressed because they are not floating point: "
+      f"{_summary(non_float)} ({silence})",
+      stacklevel=3,
+    )
 
 
 def spec_leaves(specs) -> list:

@@ -17,11 +17,14 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
+import operator
 from collections.abc import Callable, Sequence
 from typing import Any, Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from fq_jax._src import masks as masks_lib
@@ -41,6 +44,111 @@ def _map_present(fn, first, *rest):
   return jax.tree.map(
     lambda a, *xs: None if a is None else fn(a, *xs), first, *rest, is_leaf=_is_none
   )
+
+
+def _is_slot(x) -> bool:
+  """A position of the state's mask tree: a mask, None (dense), or optax.masked's gap."""
+  return x is None or isinstance(x, optax.MaskedNode)
+
+
+def _under(path: str, prefixes) -> bool:
+  return any(path == p or path.startswith(p + "/") or p == "" for p in prefixes)
+
+
+def _to_state_layout(state_masks, tree, *, what: str, where: str):
+  """Lines `tree` up with the state's mask tree, path by path.
+
+  The state was built from one parameter tree; `tree` (params, gradients) may
+  come in another container (an `nnx.State` of `nnx.Param`s, a pure dict, the
+  full tree while the state sits under `optax.masked`). Leaves are matched by
+  their normalised paths (`fq.path_str`), so containers and NNX Variables do
+  not matter; a leaf optax.masked left out of the state passes through.
+
+  Args:
+    state_masks: `FQState.masks` or `PruneState.masks` (Variables unwrapped).
+    tree: the tree to line up.
+    what: its name in error messages ("params", "updates").
+    where: the caller's name.
+
+  Returns:
+    (laid_out, back): `tree`'s leaves in a tree of the state's structure
+    (`optax.MaskedNode` where the state has one), and a function taking a
+    tree of that structure back to `tree`'s containers (left-out leaves keep
+    `tree`'s values).
+
+  Raises:
+    ValueError: one line naming the first path that differs.
+  """
+  s_flat, s_def = jax.tree_util.tree_flatten_with_path(state_masks, is_leaf=_is_slot)
+  t_flat, t_def = jax.tree_util.tree_flatten_with_path(tree, is_leaf=_is_slot)
+  s_paths = [rules_lib.path_str(p) for p, _ in s_flat]
+  t_paths = [rules_lib.path_str(p) for p, _ in t_flat]
+  t_leaves = [x for _, x in t_flat]
+  if s_paths == t_paths:
+    index = list(range(len(t_leaves)))
+  else:
+    masked = [p for p, (_, m) in zip(s_paths, s_flat) if isinstance(m, optax.MaskedNode)]
+    position = {p: i for i, p in enumerate(t_paths)}
+    missing = [p for p in s_paths if p not in position and p not in masked]
+    if missing:
+      raise ValueError(
+        f"{where}: the fq state has a leaf at '{missing[0]}' that {what} lacks "
+        f"({what} paths: {rules_lib._summary(t_paths)})"
+      )
+    extra = [p for p in t_paths if p not in set(s_paths) and not _under(p, masked)]
+    if extra:
+      raise ValueError(
+        f"{where}: {what} has a leaf at '{extra[0]}' that the fq state lacks "
+        f"(state paths: {rules_lib._summary(s_paths)}); was the state built from other params?"
+      )
+    index = [position.get(p) for p in s_paths]
+  for i, p, (_, m) in zip(index, s_paths, s_flat):
+    if m is not None and not isinstance(m, optax.MaskedNode) and i is not None:
+      shape = jnp.shape(t_leaves[i]) if t_leaves[i] is not None else None
+      if shape is not None and tuple(shape) != tuple(jnp.shape(m)):
+        raise ValueError(
+          f"{where}: {what} leaf '{p}' has shape {tuple(shape)}, the fq state's mask "
+          f"{tuple(jnp.shape(m))}"
+        )
+  laid_out = s_def.unflatten(
+    [
+      optax.MaskedNode() if isinstance(m, optax.MaskedNode) else t_leaves[i]
+      for i, (_, m) in zip(index, s_flat)
+    ]
+  )
+
+  def back(new_tree):
+    new_leaves = s_def.flatten_up_to(new_tree)
+    out = list(t_leaves)
+    for i, (_, m), x in zip(index, s_flat, new_leaves):
+      if i is not None and not isinstance(m, optax.MaskedNode):
+        out[i] = x
+    return t_def.unflatten(out)
+
+  return laid_out, back
+
+
+def _check_inner(inner, where: str, name: str = "inner") -> None:
+  if not (hasattr(inner, "init") and hasattr(inner, "update")):
+    raise TypeError(
+      f"{where}: {name} must be an optax GradientTransformation, got {type(inner).__name__}"
+    )
+
+
+def _check_unmatched(unmatched, where: str) -> None:
+  if unmatched not in ("raise", "warn", "ignore"):
+    raise ValueError(f"{where}: unmatched must be 'raise', 'warn' or 'ignore', got {unmatched!r}")
+
+
+def _is_int(x) -> bool:
+  """An integer (Python or NumPy), not a bool."""
+  if isinstance(x, (bool, np.bool_)):
+    return False
+  try:
+    operator.index(x)
+  except TypeError:
+    return False
+  return True
 
 
 # ----------------------------------------------------------------------------
@@ -99,7 +207,10 @@ def inq_schedule(
 
   Args:
     steps_per_stage: updates per INQ stage (the paper: 3 epochs); 0 means
-      everything is quantized at once (post-training quantization).
+      everything is quantized at once (post-training quantization). It
+      counts calls of this transformation's `update`: under
+      `optax.MultiSteps(tx, k)` those are the applied updates, one per k
+      micro-steps, so pass epochs * steps_per_epoch // k.
     fractions: quantized fraction per stage.
     order: "magnitude" or "error" (see `QuantSchedule`).
     refit_every: first re-estimation interval; defaults to `steps_per_stage`.
@@ -107,8 +218,17 @@ def inq_schedule(
 
   Returns:
     A `QuantSchedule`.
+
+  Raises:
+    ValueError: for a bad argument, naming it.
   """
-  if steps_per_stage <= 0:
+  if not (_is_int(steps_per_stage) and steps_per_stage >= 0):
+    raise ValueError(
+      f"inq_schedule: steps_per_stage must be an integer >= 0, got {steps_per_stage!r}"
+    )
+  if refit_every is not None and not (_is_int(refit_every) and refit_every >= 0):
+    raise ValueError(f"inq_schedule: refit_every must be an integer >= 0, got {refit_every!r}")
+  if steps_per_stage == 0:
     return QuantSchedule(inq_order=order, refit_every=0)
   fractions = tuple(float(f) for f in fractions)
   return QuantSchedule(
@@ -163,19 +283,33 @@ class FQState(NamedTuple):
 
 
 def find_state(opt_state) -> FQState | PruneState:
-  """Finds the single `FQState` or `PruneState` inside any optax state."""
-  if isinstance(opt_state, (FQState, PruneState)):
-    return opt_state
-  found = [
-    x
-    for x in jax.tree.leaves(opt_state, is_leaf=lambda x: isinstance(x, (FQState, PruneState)))
-    if isinstance(x, (FQState, PruneState))
-  ]
+  """Finds the single `FQState` or `PruneState` inside any optax state.
+
+  Args:
+    opt_state: an optax state (under `optax.chain`, `inject_hyperparams`,
+      `MultiSteps`, `apply_if_finite`, `optax.masked`, `multi_transform`,
+      ...), an `nnx.Optimizer` or its `opt_state`.
+
+  Returns:
+    The state, with any Flax NNX Variable wrappers (an `nnx.Optimizer`
+    wraps each array in an `OptArray`) replaced by their arrays.
+
+  Raises:
+    ValueError: when there is none, or more than one.
+  """
+  inner = getattr(opt_state, "opt_state", None)
+  if inner is not None and not isinstance(opt_state, (FQState, PruneState, tuple, dict)):
+    opt_state = inner  # an nnx.Optimizer
+  is_fq = lambda x: isinstance(x, (FQState, PruneState))
+  if is_fq(opt_state):
+    return rules_lib.unwrap_variables(opt_state)
+  found = [x for x in jax.tree.leaves(opt_state, is_leaf=is_fq) if is_fq(x)]
   if len(found) != 1:
     raise ValueError(
-      f"expected exactly one fq state inside the optimizer state, found {len(found)}"
+      "expected exactly one fq state (from fq.focused_quantization or fq.dns_pruning) "
+      f"inside the optimizer state, found {len(found)}"
     )
-  return found[0]
+  return rules_lib.unwrap_variables(found[0])
 
 
 # ----------------------------------------------------------------------------
@@ -198,11 +332,20 @@ def quantized(params, state) -> Any:
   gradients reach all weights so pruned ones can be spliced back.
 
   Args:
-    params: the float parameters the optimizer updates.
-    state: an `FQState`, a `PruneState`, or any optax state containing one.
+    params: the float parameters the optimizer updates: a Flax dict, an
+      `nnx.State` (of `nnx.Param`s or of arrays) or a pure dict of it.
+      Leaves are matched to the state by path, so the container may differ
+      from the one `init` saw; leaves `optax.masked` kept out of the state
+      pass through.
+    state: an `FQState`, a `PruneState`, any optax state containing one, or
+      an `nnx.Optimizer`.
 
   Returns:
-    A tree like `params` to feed to the model.
+    A tree like `params` (same containers, NNX Variables included) to feed
+    to the model.
+
+  Raises:
+    ValueError: when `params` does not match the state, naming the path.
 
   Example:
     >>> import jax, jax.numpy as jnp, optax, fq_jax as fq
@@ -215,12 +358,15 @@ def quantized(params, state) -> Any:
     32
   """
   state = find_state(state)
+  laid_out, back = _to_state_layout(state.masks, params, what="params", where="fq.quantized")
   if isinstance(state, PruneState):
-    return jax.tree.map(
-      lambda m, w: w if m is None else _masked_straight_through(w, m),
-      state.masks,
-      params,
-      is_leaf=_is_none,
+    return back(
+      jax.tree.map(
+        lambda m, w: w if m is None else _masked_straight_through(w, m),
+        state.masks,
+        laid_out,
+        is_leaf=_is_none,
+      )
     )
 
   def one(m, f, inq, w):
@@ -231,7 +377,7 @@ def quantized(params, state) -> Any:
       return kept
     return jnp.where(inq, quantizers.focused_quantize(w, f), kept)
 
-  return jax.tree.map(one, state.masks, state.focus, state.inq, params, is_leaf=_is_none)
+  return back(jax.tree.map(one, state.masks, state.focus, state.inq, laid_out, is_leaf=_is_none))
 
 
 # ----------------------------------------------------------------------------
@@ -244,9 +390,10 @@ def dns_pruning(
   *,
   sparsity: float | None = None,
   sensitivity: float | None = None,
-  rules: Sequence[rules_lib.Rule] = rules_lib.DEFAULT_RULES,
+  rules: Sequence[rules_lib.Rule] | rules_lib.Rule = rules_lib.DEFAULT_RULES,
   update_every: int = 1,
   scope: Literal["layer", "global"] = "layer",
+  unmatched: Literal["raise", "warn", "ignore"] = "raise",
 ) -> optax.GradientTransformationExtraArgs:
   """Dynamic Network Surgery: prune and splice while `inner` trains.
 
@@ -262,24 +409,43 @@ def dns_pruning(
       or in total with scope "global"; rule sparsities override), or
     sensitivity: DNS's `a` in t = mean|W| + a * std|W| (exactly one of the
       two; a rule's own `sensitivity` overrides either for its leaves).
-    rules: selection rules.
+    rules: selection rules (one `fq.Rule` or a sequence).
     update_every: updates between mask updates.
     scope: "layer" (each layer at its target) or "global" (one threshold over
       the layers that follow the global `sparsity`); see `fq.dns_masks`.
+    unmatched: what `init` does when the rules select nothing ("raise"),
+      and whether it warns about a rule that matches no leaf or a matched
+      non-float leaf ("raise" and "warn" warn, "ignore" is silent).
 
   Returns:
     An optax `GradientTransformationExtraArgs` (needs `params` in update).
+
+  Raises:
+    ValueError: for a bad argument, when the transform is built.
   """
+  where = "dns_pruning"
+  _check_inner(inner, where)
   if (sparsity is None) == (sensitivity is None):
     raise ValueError("dns_pruning: give exactly one of sparsity= and sensitivity=")
-  if update_every < 1:
-    raise ValueError(f"update_every must be >= 1, got {update_every}")
+  rules_lib.check_sparsity(sparsity, where)
+  if sensitivity is not None and not (
+    isinstance(sensitivity, (int, float))
+    and not isinstance(sensitivity, bool)
+    and math.isfinite(sensitivity)
+  ):
+    raise ValueError(f"dns_pruning: sensitivity must be a finite number, got {sensitivity!r}")
+  if not (isinstance(update_every, int) and update_every >= 1):
+    raise ValueError(f"dns_pruning: update_every must be an integer >= 1, got {update_every!r}")
   if scope not in ("layer", "global") or (scope == "global" and sparsity is None):
     raise ValueError(
       f"dns_pruning: scope must be 'layer', or 'global' with sparsity=; got {scope!r}"
     )
+  rules = rules_lib.as_rules(rules, where)
+  _check_unmatched(unmatched, where)
 
   def init(params):
+    params = rules_lib.unwrap_variables(params)
+    rules_lib.check_selection(params, rules, where=where, unmatched=unmatched)
     specs = rules_lib.resolve(params, rules, sparsity=sparsity or 0.0)
     masks = masks_lib.map_specs(lambda s, w: jnp.ones(w.shape, bool), specs, params)
     return PruneState(jnp.zeros([], jnp.int32), masks, inner.init(params))
@@ -287,6 +453,7 @@ def dns_pruning(
   def update(updates, state, params=None, **extra):
     if params is None:
       raise ValueError("dns_pruning needs params in update()")
+    updates, params = rules_lib.unwrap_variables((updates, params))
     new_updates, inner_state = inner.update(updates, state.inner_state, params, **extra)
     count = state.count + 1
     new_params = optax.apply_updates(params, new_updates)
@@ -351,12 +518,13 @@ def focused_quantization(
   *,
   bits: int = 5,
   w_sep: float = 2.0,
-  rules: Sequence[rules_lib.Rule] = rules_lib.DEFAULT_RULES,
+  rules: Sequence[rules_lib.Rule] | rules_lib.Rule = rules_lib.DEFAULT_RULES,
   schedule: QuantSchedule = QuantSchedule(),
   masks: MaskTree | Callable[[Any], MaskTree] | None = None,
   alpha_optimizer: optax.GradientTransformation | None = None,
   seed: int = 0,
   gmm_iters: int = 200,
+  unmatched: Literal["raise", "warn", "ignore"] = "raise",
 ) -> optax.GradientTransformationExtraArgs:
   """Fine-tunes under Focused Quantization: wraps the optimizer `inner`.
 
@@ -378,9 +546,13 @@ def focused_quantization(
   Args:
     inner: optimizer of the float weights (any optax transformation; it may
       be `inject_hyperparams`-wrapped).
-    bits: default weight bit-width n (rules may override per leaf).
-    w_sep: default Wasserstein separation threshold (Eq. 4).
-    rules: selection rules (see `fq.Rule`).
+    bits: default weight bit-width n in [2, 8] (rules may override per
+      leaf). n = 2 is the ternary mode: plain shift quantization to
+      {0, +-2^-b} (one sign bit, one zero/non-zero bit), never
+      recentralized, because recentralization spends one bit on the
+      component and needs n >= 3.
+    w_sep: default Wasserstein separation threshold (Eq. 4), >= 0.
+    rules: selection rules (one `fq.Rule` or a sequence; see `fq.Rule`).
     schedule: INQ and re-estimation schedule (default: everything quantized
       from the first step, never re-estimated). See `fq.inq_schedule`.
     masks: keep-masks (a tree, or a function of the params); by default the
@@ -389,9 +561,20 @@ def focused_quantization(
       1. Default: `optax.adam(1e-4)`.
     seed: seed for sampling the component assignments.
     gmm_iters: EM iterations per fit.
+    unmatched: what `init` does when the rules select no parameter: "raise"
+      (default), "warn" or "ignore". Unless "ignore", `init` also warns about
+      a rule that matches no leaf and about matched leaves left in float
+      because they are not floating point.
 
   Returns:
     An optax `GradientTransformationExtraArgs` (needs `params` in update).
+    Its `init` fits one mixture per quantized layer (EM, `gmm_iters`
+    iterations) inside one compiled computation: call it once, not per step.
+
+  Raises:
+    ValueError, TypeError: for a bad argument, when the transform is built
+      (one line naming the argument); `init` raises for a selection that
+      matches nothing, naming the rules and the paths.
 
   Example:
     >>> import jax, jax.numpy as jnp, optax, fq_jax as fq
@@ -406,6 +589,23 @@ def focused_quantization(
     >>> int(jnp.sum(params["kernel"] == 0))  # pruned weights stay exactly 0
     128
   """
+  where = "focused_quantization"
+  _check_inner(inner, where)
+  rules_lib.check_bits(bits, where)
+  rules_lib.check_w_sep(w_sep, where)
+  rules = rules_lib.as_rules(rules, where)
+  if not isinstance(schedule, QuantSchedule):
+    raise TypeError(
+      f"{where}: schedule must be a QuantSchedule (see fq.inq_schedule), "
+      f"got {type(schedule).__name__}"
+    )
+  if alpha_optimizer is not None:
+    _check_inner(alpha_optimizer, where, "alpha_optimizer")
+  if not _is_int(seed):
+    raise TypeError(f"{where}: seed must be an integer, got {type(seed).__name__}")
+  if not (_is_int(gmm_iters) and gmm_iters >= 1):
+    raise ValueError(f"{where}: gmm_iters must be an integer >= 1, got {gmm_iters!r}")
+  _check_unmatched(unmatched, where)
   if alpha_optimizer is None:
     alpha_optimizer = optax.adam(1e-4)
   fractions = jnp.asarray(schedule.inq_fractions, jnp.float32)
@@ -461,6 +661,8 @@ def focused_quantization(
     return jax.jit(_init)(params)
 
   def _init(params):
+    params = rules_lib.unwrap_variables(params)
+    rules_lib.check_selection(params, rules, where=where, unmatched=unmatched)
     specs = specs_of(params)
     m = _derive_masks(masks, specs, params)
     rng = jax.random.key(seed)
@@ -486,6 +688,14 @@ def focused_quantization(
   def update(updates, state: FQState, params=None, **extra):
     if params is None:
       raise ValueError("focused_quantization needs params in update()")
+    # Line the trees up with the state by path (NNX Variables, other containers).
+    original_updates = updates
+    updates, back = _to_state_layout(
+      state.masks, rules_lib.unwrap_variables(updates), what="updates", where=where
+    )
+    params, _ = _to_state_layout(
+      state.masks, rules_lib.unwrap_variables(params), what="params", where=where
+    )
     specs = specs_of(params)
     zero_pruned = lambda m, g: g if m is None else jnp.where(m, g, jnp.zeros_like(g))
     grads = jax.tree.map(zero_pruned, state.masks, updates, is_leaf=_is_none)
@@ -533,6 +743,8 @@ def focused_quantization(
         lambda: inq_all(focus, new_params, state.inq, stage),
         lambda: state.inq,
       )
+    if jax.tree.structure(new_updates) != jax.tree.structure(original_updates):
+      new_updates = back(new_updates)
     return new_updates, FQState(
       count=count,
       rng=state.rng,
@@ -567,4 +779,32 @@ def quantized_fraction(state) -> float:
 
 def infer_masks(params, *, rules: Sequence[rules_lib.Rule] = rules_lib.DEFAULT_RULES):
   """Masks recovered from the exact zeros of prunable leaves (None for dense)."""
+  params = rules_lib.unwrap_variables(params)
   return _derive_masks(None, rules_lib.resolve(params, rules), params)
+
+
+def aligned_layers(params, state) -> list[tuple[str, Any, Any, Any]]:
+  """(path, mask, focus, weight) per leaf the fq state compresses, in tree order.
+
+  Args:
+    params: the float parameters (any container, matched by path).
+    state: an optax state holding an `FQState` or `PruneState`.
+
+  Returns:
+    One tuple per compressed leaf; focus is None for a prune-only leaf
+    (and always under `dns_pruning`).
+
+  Raises:
+    ValueError: when `params` does not match the state, naming the path.
+  """
+  state = find_state(state)
+  laid_out, _ = _to_state_layout(state.masks, params, what="params", where="fq.layer_report")
+  laid_out = rules_lib.unwrap_variables(laid_out)
+  flat, treedef = jax.tree_util.tree_flatten_with_path(state.masks, is_leaf=_is_slot)
+  focus = treedef.flatten_up_to(state.focus) if isinstance(state, FQState) else [None] * len(flat)
+  ws = treedef.flatten_up_to(laid_out)
+  return [
+    (rules_lib.path_str(p), m, f, w)
+    for (p, m), f, w in zip(flat, focus, ws)
+    if m is not None and not isinstance(m, optax.MaskedNode)
+  ]
