@@ -15,242 +15,36 @@ nothing special: it is just more optimizer state. A training step is
 
 from __future__ import annotations
 
-import dataclasses
 import functools
-import math
-import operator
 from collections.abc import Callable, Sequence
 from typing import Any, Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
 from fq_jax._src import masks as masks_lib
 from fq_jax._src import quantizers
 from fq_jax._src import rules as rules_lib
+from fq_jax._src.pruning import PruneState, dns_pruning  # noqa: F401  (re-exported)
+from fq_jax._src.schedule import PAPER_INQ_FRACTIONS, QuantSchedule, inq_schedule  # noqa: F401
+from fq_jax._src.state_layout import (  # noqa: F401
+  _check_inner,
+  _check_unmatched,
+  _is_int,
+  _is_none,
+  _is_slot,
+  _map_present,
+  _to_state_layout,
+  _under,
+)
 
 MaskTree = Any
-
-
-def _is_none(x) -> bool:
-  """Leaf test for mask and focus trees: a None or a whole `FocusState`."""
-  return x is None or isinstance(x, quantizers.FocusState)
-
-
-def _map_present(fn, first, *rest):
-  """Maps fn over leaves where `first` is not None; None stays None."""
-  return jax.tree.map(
-    lambda a, *xs: None if a is None else fn(a, *xs), first, *rest, is_leaf=_is_none
-  )
-
-
-def _is_slot(x) -> bool:
-  """A position of the state's mask tree: a mask, None (dense), or optax.masked's gap."""
-  return x is None or isinstance(x, optax.MaskedNode)
-
-
-def _under(path: str, prefixes) -> bool:
-  return any(path == p or path.startswith(p + "/") or p == "" for p in prefixes)
-
-
-def _to_state_layout(state_masks, tree, *, what: str, where: str):
-  """Lines `tree` up with the state's mask tree, path by path.
-
-  The state was built from one parameter tree; `tree` (params, gradients) may
-  come in another container (an `nnx.State` of `nnx.Param`s, a pure dict, the
-  full tree while the state sits under `optax.masked`). Leaves are matched by
-  their normalised paths (`fq.path_str`), so containers and NNX Variables do
-  not matter; a leaf optax.masked left out of the state passes through.
-
-  Args:
-    state_masks: `FQState.masks` or `PruneState.masks` (Variables unwrapped).
-    tree: the tree to line up.
-    what: its name in error messages ("params", "updates").
-    where: the caller's name.
-
-  Returns:
-    (laid_out, back): `tree`'s leaves in a tree of the state's structure
-    (`optax.MaskedNode` where the state has one), and a function taking a
-    tree of that structure back to `tree`'s containers (left-out leaves keep
-    `tree`'s values).
-
-  Raises:
-    ValueError: one line naming the first path that differs.
-  """
-  s_flat, s_def = jax.tree_util.tree_flatten_with_path(state_masks, is_leaf=_is_slot)
-  t_flat, t_def = jax.tree_util.tree_flatten_with_path(tree, is_leaf=_is_slot)
-  s_paths = [rules_lib.path_str(p) for p, _ in s_flat]
-  t_paths = [rules_lib.path_str(p) for p, _ in t_flat]
-  t_leaves = [x for _, x in t_flat]
-  if s_paths == t_paths:
-    index = list(range(len(t_leaves)))
-  else:
-    masked = [p for p, (_, m) in zip(s_paths, s_flat) if isinstance(m, optax.MaskedNode)]
-    position = {p: i for i, p in enumerate(t_paths)}
-    missing = [p for p in s_paths if p not in position and p not in masked]
-    if missing:
-      raise ValueError(
-        f"{where}: the fq state has a leaf at '{missing[0]}' that {what} lacks "
-        f"({what} paths: {rules_lib._summary(t_paths)})"
-      )
-    extra = [p for p in t_paths if p not in set(s_paths) and not _under(p, masked)]
-    if extra:
-      raise ValueError(
-        f"{where}: {what} has a leaf at '{extra[0]}' that the fq state lacks "
-        f"(state paths: {rules_lib._summary(s_paths)}); was the state built from other params?"
-      )
-    index = [position.get(p) for p in s_paths]
-  for i, p, (_, m) in zip(index, s_paths, s_flat):
-    if m is not None and not isinstance(m, optax.MaskedNode) and i is not None:
-      shape = jnp.shape(t_leaves[i]) if t_leaves[i] is not None else None
-      if shape is not None and tuple(shape) != tuple(jnp.shape(m)):
-        raise ValueError(
-          f"{where}: {what} leaf '{p}' has shape {tuple(shape)}, the fq state's mask "
-          f"{tuple(jnp.shape(m))}"
-        )
-  laid_out = s_def.unflatten(
-    [
-      optax.MaskedNode() if isinstance(m, optax.MaskedNode) else t_leaves[i]
-      for i, (_, m) in zip(index, s_flat)
-    ]
-  )
-
-  def back(new_tree):
-    new_leaves = s_def.flatten_up_to(new_tree)
-    out = list(t_leaves)
-    for i, (_, m), x in zip(index, s_flat, new_leaves):
-      if i is not None and not isinstance(m, optax.MaskedNode):
-        out[i] = x
-    return t_def.unflatten(out)
-
-  return laid_out, back
-
-
-def _check_inner(inner, where: str, name: str = "inner") -> None:
-  if not (hasattr(inner, "init") and hasattr(inner, "update")):
-    raise TypeError(
-      f"{where}: {name} must be an optax GradientTransformation, got {type(inner).__name__}"
-    )
-
-
-def _check_unmatched(unmatched, where: str) -> None:
-  if unmatched not in ("raise", "warn", "ignore"):
-    raise ValueError(f"{where}: unmatched must be 'raise', 'warn' or 'ignore', got {unmatched!r}")
-
-
-def _is_int(x) -> bool:
-  """An integer (Python or NumPy), not a bool."""
-  if isinstance(x, (bool, np.bool_)):
-    return False
-  try:
-    operator.index(x)
-  except TypeError:
-    return False
-  return True
-
-
-# ----------------------------------------------------------------------------
-# Schedules
-# ----------------------------------------------------------------------------
-
-
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class QuantSchedule:
-  """When weights enter quantization (INQ) and when the mixtures are refitted.
-
-  Attributes:
-    inq_fractions: fraction of each layer's kept weights quantized in each
-      stage; the last must be 1.0. The paper: (0.25, 0.5, 0.75, 0.875, 1.0).
-    inq_boundaries: update counts at which stage i + 1 begins
-      (len(inq_fractions) - 1 increasing integers).
-    inq_order: which weights enter first: "magnitude" (INQ: largest first)
-      or "error" (the authors' framework: smallest quantization error first).
-    refit_every: updates before the first re-estimation of the mixtures and
-      resampling of the assignments; 0 never re-estimates.
-    refit_growth: each interval between re-estimations is this factor times
-      the previous one (the paper: "k grows exponentially"; start and factor
-      are OPEN there).
-  """
-
-  inq_fractions: tuple[float, ...] = (1.0,)
-  inq_boundaries: tuple[int, ...] = ()
-  inq_order: Literal["magnitude", "error"] = "magnitude"
-  refit_every: int = 0
-  refit_growth: float = 2.0
-
-  def __post_init__(self):
-    f, b = self.inq_fractions, self.inq_boundaries
-    if not f or f[-1] != 1.0 or any(not 0 < x <= 1 for x in f) or list(f) != sorted(f):
-      raise ValueError(f"inq_fractions must increase within (0, 1] and end at 1.0, got {f}")
-    if len(b) != len(f) - 1 or list(b) != sorted(b) or any(x < 0 for x in b):
-      raise ValueError(f"inq_boundaries must be {len(f) - 1} increasing step counts, got {b}")
-    if self.inq_order not in ("magnitude", "error"):
-      raise ValueError(f"inq_order must be 'magnitude' or 'error', got {self.inq_order!r}")
-    if self.refit_every < 0 or self.refit_growth < 1:
-      raise ValueError("refit_every must be >= 0 and refit_growth >= 1")
-
-
-PAPER_INQ_FRACTIONS = (0.25, 0.5, 0.75, 0.875, 1.0)
-
-
-def inq_schedule(
-  steps_per_stage: int,
-  *,
-  fractions: Sequence[float] = PAPER_INQ_FRACTIONS,
-  order: Literal["magnitude", "error"] = "magnitude",
-  refit_every: int | None = None,
-  refit_growth: float = 2.0,
-) -> QuantSchedule:
-  """The paper's INQ schedule: each stage but the last lasts `steps_per_stage`.
-
-  Args:
-    steps_per_stage: updates per INQ stage (the paper: 3 epochs); 0 means
-      everything is quantized at once (post-training quantization). It
-      counts calls of this transformation's `update`: under
-      `optax.MultiSteps(tx, k)` those are the applied updates, one per k
-      micro-steps, so pass epochs * steps_per_epoch // k.
-    fractions: quantized fraction per stage.
-    order: "magnitude" or "error" (see `QuantSchedule`).
-    refit_every: first re-estimation interval; defaults to `steps_per_stage`.
-    refit_growth: growth factor of the re-estimation interval.
-
-  Returns:
-    A `QuantSchedule`.
-
-  Raises:
-    ValueError: for a bad argument, naming it.
-  """
-  if not (_is_int(steps_per_stage) and steps_per_stage >= 0):
-    raise ValueError(
-      f"inq_schedule: steps_per_stage must be an integer >= 0, got {steps_per_stage!r}"
-    )
-  if refit_every is not None and not (_is_int(refit_every) and refit_every >= 0):
-    raise ValueError(f"inq_schedule: refit_every must be an integer >= 0, got {refit_every!r}")
-  if steps_per_stage == 0:
-    return QuantSchedule(inq_order=order, refit_every=0)
-  fractions = tuple(float(f) for f in fractions)
-  return QuantSchedule(
-    inq_fractions=fractions,
-    inq_boundaries=tuple(steps_per_stage * (i + 1) for i in range(len(fractions) - 1)),
-    inq_order=order,
-    refit_every=steps_per_stage if refit_every is None else refit_every,
-    refit_growth=refit_growth,
-  )
-
+_DEFAULT_SCHEDULE = QuantSchedule()  # frozen: safe as a shared default
 
 # ----------------------------------------------------------------------------
 # States
 # ----------------------------------------------------------------------------
-
-
-class PruneState(NamedTuple):
-  """State of `dns_pruning`: the masks and the inner optimizer's state."""
-
-  count: jax.Array
-  masks: MaskTree
-  inner_state: optax.OptState
 
 
 class FQState(NamedTuple):
@@ -381,100 +175,6 @@ def quantized(params, state) -> Any:
 
 
 # ----------------------------------------------------------------------------
-# DNS pruning
-# ----------------------------------------------------------------------------
-
-
-def dns_pruning(
-  inner: optax.GradientTransformation,
-  *,
-  sparsity: float | None = None,
-  sensitivity: float | None = None,
-  rules: Sequence[rules_lib.Rule] | rules_lib.Rule = rules_lib.DEFAULT_RULES,
-  update_every: int = 1,
-  scope: Literal["layer", "global"] = "layer",
-  unmatched: Literal["raise", "warn", "ignore"] = "raise",
-) -> optax.GradientTransformationExtraArgs:
-  """Dynamic Network Surgery: prune and splice while `inner` trains.
-
-  The masks live in the state (`PruneState`). Use `fq.quantized(params,
-  state)` in the forward pass: pruned weights read as 0 but keep their float
-  values and receive gradients, and every `update_every` updates the masks
-  move by DNS hysteresis (`fq.dns_masks`) on the updated weights. Call
-  `fq.apply_masks(params, state.masks)` to freeze the result.
-
-  Args:
-    inner: the optimizer of the float weights.
-    sparsity: target sparsity, met exactly by every mask update (per layer,
-      or in total with scope "global"; rule sparsities override), or
-    sensitivity: DNS's `a` in t = mean|W| + a * std|W| (exactly one of the
-      two; a rule's own `sensitivity` overrides either for its leaves).
-    rules: selection rules (one `fq.Rule` or a sequence).
-    update_every: updates between mask updates.
-    scope: "layer" (each layer at its target) or "global" (one threshold over
-      the layers that follow the global `sparsity`); see `fq.dns_masks`.
-    unmatched: what `init` does when the rules select nothing ("raise"),
-      and whether it warns about a rule that matches no leaf or a matched
-      non-float leaf ("raise" and "warn" warn, "ignore" is silent).
-
-  Returns:
-    An optax `GradientTransformationExtraArgs` (needs `params` in update).
-
-  Raises:
-    ValueError: for a bad argument, when the transform is built.
-  """
-  where = "dns_pruning"
-  _check_inner(inner, where)
-  if (sparsity is None) == (sensitivity is None):
-    raise ValueError("dns_pruning: give exactly one of sparsity= and sensitivity=")
-  rules_lib.check_sparsity(sparsity, where)
-  if sensitivity is not None and not (
-    isinstance(sensitivity, (int, float))
-    and not isinstance(sensitivity, bool)
-    and math.isfinite(sensitivity)
-  ):
-    raise ValueError(f"dns_pruning: sensitivity must be a finite number, got {sensitivity!r}")
-  if not (isinstance(update_every, int) and update_every >= 1):
-    raise ValueError(f"dns_pruning: update_every must be an integer >= 1, got {update_every!r}")
-  if scope not in ("layer", "global") or (scope == "global" and sparsity is None):
-    raise ValueError(
-      f"dns_pruning: scope must be 'layer', or 'global' with sparsity=; got {scope!r}"
-    )
-  rules = rules_lib.as_rules(rules, where)
-  _check_unmatched(unmatched, where)
-
-  def init(params):
-    params = rules_lib.unwrap_variables(params)
-    rules_lib.check_selection(params, rules, where=where, unmatched=unmatched)
-    specs = rules_lib.resolve(params, rules, sparsity=sparsity or 0.0)
-    masks = masks_lib.map_specs(lambda s, w: jnp.ones(w.shape, bool), specs, params)
-    return PruneState(jnp.zeros([], jnp.int32), masks, inner.init(params))
-
-  def update(updates, state, params=None, **extra):
-    if params is None:
-      raise ValueError("dns_pruning needs params in update()")
-    updates, params = rules_lib.unwrap_variables((updates, params))
-    new_updates, inner_state = inner.update(updates, state.inner_state, params, **extra)
-    count = state.count + 1
-    new_params = optax.apply_updates(params, new_updates)
-    masks = jax.lax.cond(
-      count % update_every == 0,
-      lambda: masks_lib.dns_masks(
-        new_params,
-        state.masks,
-        sparsity=sparsity,
-        sensitivity=sensitivity,
-        rules=rules,
-        scope=scope,
-      ),
-      lambda: state.masks,
-    )
-    return new_updates, PruneState(count, masks, inner_state)
-
-  return optax.GradientTransformationExtraArgs(init, update)
-
-
-# ----------------------------------------------------------------------------
 # Focused quantization
 # ----------------------------------------------------------------------------
 
@@ -513,13 +213,15 @@ def _derive_masks(masks, specs, params):
   return masks_lib.map_specs(lambda s, m: jnp.asarray(m, bool), specs, masks)
 
 
+# Long on purpose: an optax wrapper is one closure pair (init, update) over its validated
+# arguments; most of the length is the docstring and the argument checks.
 def focused_quantization(
   inner: optax.GradientTransformation,
   *,
   bits: int = 5,
   w_sep: float = 2.0,
   rules: Sequence[rules_lib.Rule] | rules_lib.Rule = rules_lib.DEFAULT_RULES,
-  schedule: QuantSchedule = QuantSchedule(),
+  schedule: QuantSchedule = _DEFAULT_SCHEDULE,
   masks: MaskTree | Callable[[Any], MaskTree] | None = None,
   alpha_optimizer: optax.GradientTransformation | None = None,
   seed: int = 0,
