@@ -1,7 +1,13 @@
-"""FQ against other quantizers on sparse CNNs: same masks, same budget, same encoder.
+"""A fair comparison of FQ with other quantizers on sparse CNNs (issue 12).
 
-Methods (all on the same magnitude masks, all stored with the same .fqz encoder and
-entropy coder, every array the file rebuilds counted in the ratio):
+Every method runs under the same magnitude masks, the same INQ staging (25 / 50 / 75 / 87.5 /
+100% of each layer's kept weights quantized in the forward pass, largest magnitude first, a
+weight once in never released), the same re-estimation schedule where it applies (FQ and
+shift refit their mixtures; k-means re-clusters the kept weights; uniform re-chooses its
+clipping range: all at the same steps, the first after one stage, then at intervals doubling),
+the same number of steps, the same optimizer and learning-rate schedule of the float weights
+(adam(1e-4) for FQ's alpha, the k-means centroids and the uniform scale), and the same `.fqz`
+encoder and rANS coder (every array the file rebuilds counted in the ratio):
 
   fq        Focused Quantization, w_sep = 2.0 (fq.focused_quantization)
   shift     shift quantization everywhere, INQ-style (recentralize=False)
@@ -10,17 +16,26 @@ entropy coder, every array the file rebuilds counted in the ratio):
   uniform   symmetric uniform n-bit integers per layer, MSE-optimal clipping
             (fq.uniform_codebook(clip="mse")); fine-tuned per-layer scale
 
-For each model, sparsity and bit-width: post-training quantization (PTQ, no fine-tuning)
-and a fine-tuned run (the same number of steps, the same optimizer and schedule of the
-float weights for every method; FQ's alpha, the k-means centroids and the uniform scale
-use the same adam(1e-4)). Plus the paper's w_sep ablation on ResNet-20 (70% pruned).
+The schedule: with S fine-tuning steps, each of the first four INQ stages lasts S // 8 steps
+and the last (100%) the remaining S - 4 (S // 8), about half (the paper: 3 epochs per stage,
+10 for the last); `fq.inq_schedule(S // 8)` for every method.
 
-Run by hand (CPU budget, ~30 min on a loaded 2-core machine):
+Reported per model, sparsity and method: post-training accuracy (PTQ: the quantizer built on
+the masked fine-tuned weights, no training; optional), accuracy after the staged fine-tune,
+file bytes and ratio, and the operations per image of the quantized layers, counted from the
+layer shapes and masks (kept weights x output positions): FQ and shift layers need no
+multiplier (each kept weight is a shift and an add; a recentralized FQ layer adds two
+multiplies per output value, mu_+ and mu_- times their partial sums, Sec. 4.2), k-means and
+uniform need one multiply (and an add) per kept weight and position.
 
-    python benchmarks/compare_quantizers.py
+Run by hand (CPU):
 
-Outputs in benchmarks/results/: compare_quantizers.md, compare_<model>.png,
-compare_quantizers_layers.csv (per-layer MSE), compare_quantizers.json (everything).
+    python benchmarks/compare_quantizers.py --models digits --quick       # ~minutes
+    python benchmarks/compare_quantizers.py --models digits --steps 120
+    python benchmarks/compare_quantizers.py --models resnet20 --steps 150 --eval-size 2000
+
+Outputs in benchmarks/results/ (stem compare_fair<tag>): .md (table), .json (everything),
+_layers.csv (per-layer MSE), _<model>.png (Pareto plot of accuracy against file ratio).
 """
 
 from __future__ import annotations
@@ -65,13 +80,15 @@ SHIFT_RULES = (fq.Rule(pattern=r"(^|/)kernel$", recentralize=False),)
 @dataclasses.dataclass(frozen=True)
 class Method:
   name: str
-  make_tx: Callable[[optax.GradientTransformation, int], Any]
+  make_tx: Callable[[optax.GradientTransformation, int, fq.QuantSchedule], Any]
   forward: Callable[[Any, Any], Any]
   kind: str  # "focus" or "codebook"
 
 
 def _fq_tx(w_sep=2.0, rules=fq.DEFAULT_RULES):
-  return lambda inner, bits: fq.focused_quantization(inner, bits=bits, w_sep=w_sep, rules=rules)
+  return lambda inner, bits, schedule: fq.focused_quantization(
+    inner, bits=bits, w_sep=w_sep, rules=rules, schedule=schedule
+  )
 
 
 def method(name: str) -> Method:
@@ -82,8 +99,8 @@ def method(name: str) -> Method:
   if name == "kmeans":
     return Method(
       name,
-      lambda inner, bits: fq.codebook_quantization(
-        inner, bits=bits, method="kmeans", kmeans_iters=100
+      lambda inner, bits, schedule: fq.codebook_quantization(
+        inner, bits=bits, method="kmeans", kmeans_iters=100, schedule=schedule
       ),
       fq.codebook_quantized,
       "codebook",
@@ -91,7 +108,9 @@ def method(name: str) -> Method:
   if name == "uniform":
     return Method(
       name,
-      lambda inner, bits: fq.codebook_quantization(inner, bits=bits, method="uniform", clip="mse"),
+      lambda inner, bits, schedule: fq.codebook_quantization(
+        inner, bits=bits, method="uniform", clip="mse", schedule=schedule
+      ),
       fq.codebook_quantized,
       "codebook",
     )
@@ -271,6 +290,7 @@ def digits_setup(args) -> Setup:
   ds = data_lib.load_digits()
   model = models.DigitsCNN()
   variables = model.init(jax.random.key(0), ds.train[0][:2], train=False)
+  steps = args.steps or (40 if args.quick else 120)
   setup = Setup(
     name="digits",
     model=model,
@@ -280,21 +300,22 @@ def digits_setup(args) -> Setup:
     test=ds.test,
     batch=64,
     augment=None,
-    mask_steps=args.digits_mask_steps,
-    ft_steps=args.digits_ft_steps,
+    mask_steps=args.digits_mask_steps // (2 if args.quick else 1),
+    ft_steps=steps,
     mask_inner=lambda n: optax.adam(optax.cosine_decay_schedule(1e-3, n)),
     ft_inner=lambda n: optax.adam(optax.cosine_decay_schedule(3e-4, n)),
     eval_chunk=450,
-    sparsities=(0.7, 0.9),
+    sparsities=tuple(args.sparsities or (0.7, 0.9)),
   )
   # Dense training from scratch (quick).
-  dense_tx = optax.adam(optax.cosine_decay_schedule(2e-3, args.digits_dense_steps))
+  dense_steps = args.digits_dense_steps // (2 if args.quick else 1)
+  dense_tx = optax.adam(optax.cosine_decay_schedule(2e-3, dense_steps))
   identity = lambda p, s: p
   params, bs, _, loss = train(
-    setup, setup.params, setup.batch_stats, dense_tx, identity, args.digits_dense_steps, seed=100
+    setup, setup.params, setup.batch_stats, dense_tx, identity, dense_steps, seed=100
   )
   setup.params, setup.batch_stats = params, bs
-  log(f"digits: dense training {args.digits_dense_steps} steps, last loss {loss:.4f}")
+  log(f"digits: dense training {dense_steps} steps, last loss {loss:.4f}")
   return setup
 
 
@@ -303,9 +324,10 @@ def resnet_setup(args) -> Setup:
   depth, variables = models.import_torch_cifar_resnet(model_path)
   ds = data_lib.load_cifar10(args.cifar10)
   x, y = ds.test
-  if args.eval_size and args.eval_size < len(x):
+  eval_size = 500 if args.quick and not args.eval_size else args.eval_size
+  if eval_size and eval_size < len(x):
     # A fixed random subset (seed 0) of the test split; the split is stored sorted by class.
-    idx = np.sort(np.random.default_rng(0).permutation(len(x))[: args.eval_size])
+    idx = np.sort(np.random.default_rng(0).permutation(len(x))[:eval_size])
     x, y = x[idx], y[idx]
   return Setup(
     name="resnet20",
@@ -316,13 +338,79 @@ def resnet_setup(args) -> Setup:
     test=(x, y),
     batch=args.batch,
     augment=data_lib.cifar10_augment,
-    mask_steps=args.mask_steps,
-    ft_steps=args.ft_steps,
+    mask_steps=args.mask_steps // (4 if args.quick else 1),
+    ft_steps=args.steps or (32 if args.quick else 150),
     mask_inner=lambda n: optax.sgd(optax.cosine_decay_schedule(0.01, n), momentum=0.9),
     ft_inner=lambda n: optax.sgd(optax.cosine_decay_schedule(0.005, n), momentum=0.9),
     eval_chunk=500,
-    sparsities=(0.5, 0.7),
+    sparsities=tuple(args.sparsities or (0.5, 0.7)),
   )
+
+
+def fair_schedule(steps: int) -> fq.QuantSchedule:
+  """The one schedule every method runs: four INQ stages of steps // 8, the last ~half."""
+  return fq.inq_schedule(max(steps // 8, 1))
+
+
+# ----------------------------------------------------------------------------
+# Operations per image
+# ----------------------------------------------------------------------------
+
+
+def kernel_positions(setup: Setup, params, batch_stats) -> dict[str, int]:
+  """param path of every kernel -> output positions per image (H_out x W_out; 1 for Dense).
+
+  A kernel of a layer applied at P output positions costs (kept weights) x P
+  multiply-accumulates per image; read off one forward pass.
+  """
+  x = setup.test[0][:1]
+  _, inter = setup.model.apply(
+    {"params": params, "batch_stats": batch_stats},
+    x,
+    train=False,
+    capture_intermediates=True,
+    mutable=["intermediates"],
+  )
+  inter = inter["intermediates"]
+  out = {}
+  for path in _paths(params):
+    if not path.endswith("kernel"):
+      continue
+    node = inter
+    for part in path.split("/")[:-1]:
+      node = node[part]
+    y = node["__call__"][0]
+    out[path] = int(np.prod(y.shape[1:-1])) if y.ndim > 2 else 1
+  return out
+
+
+def ops_per_image(m: Method, params, opt_state, positions: dict[str, int], masks) -> dict:
+  """Multiplies and shift/adds per image over every kernel of the network.
+
+  A kernel the method quantizes: FQ/shift cost one shift and one add per kept weight and
+  output position (no multiply), plus two multiplies per output value of a recentralized
+  layer (mu_+ and mu_- times their partial sums); k-means/uniform cost one multiply and one
+  add per kept weight and position. A kernel left in float (none under the default rules)
+  costs a multiply and an add per kept weight and position for every method. Batch-norm,
+  biases and activations are the same for every method and not counted.
+  """
+  layers = quant_layers(m, params, opt_state)
+  flat_masks = dict(zip(_paths(masks), jax.tree.leaves(masks)))
+  flat = dict(zip(_paths(params), jax.tree.leaves(params)))
+  mults = shifts = adds = 0
+  for path, pos in positions.items():
+    mk = flat_masks.get(path)
+    kept = int(np.sum(np.asarray(mk))) if mk is not None else int(np.size(flat[path]))
+    macs = kept * pos
+    adds += macs
+    s = layers.get(path)
+    if s is None or m.kind == "codebook":
+      mults += macs
+    else:
+      shifts += macs
+      if bool(s.recentralized):
+        mults += 2 * int(flat[path].shape[-1]) * pos
+  return dict(multiplies=mults, shifts=shifts, adds=adds)
 
 
 # ----------------------------------------------------------------------------
@@ -337,10 +425,21 @@ def run_setup(setup: Setup, args, results: dict, layer_rows: list, save: Callabl
     int(np.size(a))
     for a in jax.tree.leaves({"params": setup.params, "batch_stats": setup.batch_stats})
   )
+  positions = kernel_positions(setup, setup.params, setup.batch_stats)
+  dense_macs = sum(
+    int(np.size(w)) * positions[p]
+    for p, w in zip(_paths(setup.params), jax.tree.leaves(setup.params))
+    if p in positions
+  )
   acc = evaluate(setup.params, setup.batch_stats, setup.test)
-  out["float"].append(dict(sparsity=0.0, accuracy=acc, file_bytes=4 * n_values, ratio=1.0))
+  out["float"].append(
+    dict(sparsity=0.0, accuracy=acc, file_bytes=4 * n_values, ratio=1.0, multiplies=dense_macs)
+  )
   out["eval_examples"] = int(len(setup.test[1]))
+  schedule = fair_schedule(setup.ft_steps)
+  out["schedule"] = dataclasses.asdict(schedule)
   log(f"{setup.name}: dense float accuracy {acc:.4f} on {len(setup.test[1])} test images")
+  log(f"{setup.name}: schedule {schedule}")
   starts = {}
   for sp in setup.sparsities:
     masks = fq.magnitude_masks(setup.params, sp)
@@ -353,6 +452,11 @@ def run_setup(setup: Setup, args, results: dict, layer_rows: list, save: Callabl
     params = fq.apply_masks(params, masks)
     acc = evaluate(params, bs, setup.test)
     nbytes = len(encode_pruned(params, bs, masks))
+    flat_masks = dict(zip(_paths(masks), jax.tree.leaves(masks)))
+    sparse_macs = sum(
+      int(np.sum(np.asarray(flat_masks[p]))) * n if flat_masks.get(p) is not None else 0
+      for p, n in positions.items()
+    )
     out["float"].append(
       dict(
         sparsity=sp,
@@ -360,6 +464,7 @@ def run_setup(setup: Setup, args, results: dict, layer_rows: list, save: Callabl
         accuracy_before_finetune=acc_pruned,
         file_bytes=nbytes,
         ratio=4 * n_values / nbytes,
+        multiplies=sparse_macs,
       )
     )
     log(
@@ -370,19 +475,21 @@ def run_setup(setup: Setup, args, results: dict, layer_rows: list, save: Callabl
     for bits in args.bits:
       for name in args.methods:
         m = method(name)
-        for stage in ("ptq", "ft"):
+        for stage in ("ptq", "ft") if args.ptq else ("ft",):
           t = time.time()
           inner = setup.ft_inner(setup.ft_steps)
-          tx = m.make_tx(inner, bits)
           if stage == "ptq":
+            tx = m.make_tx(inner, bits, fq.QuantSchedule())
             qp, qbs, state = params, bs, jax.jit(tx.init)(params)
             loss = None
           else:
+            tx = m.make_tx(inner, bits, schedule)
             qp, qbs, state, loss = train(setup, params, bs, tx, m.forward, setup.ft_steps, seed=2)
           acc = evaluate(m.forward(qp, state), qbs, setup.test)
           data = encode(m, qp, qbs, state)
           summ = fq.artifact_summary(data)
           errs = layer_errors(m, qp, state)
+          ops = ops_per_image(m, qp, state, positions, masks)
           row = dict(
             sparsity=sp,
             bits=bits,
@@ -399,6 +506,7 @@ def run_setup(setup: Setup, args, results: dict, layer_rows: list, save: Callabl
             final_loss=loss,
             seconds=time.time() - t,
             steps=0 if stage == "ptq" else setup.ft_steps,
+            **ops,
           )
           out["runs"].append(row)
           for e in errs:
@@ -407,8 +515,8 @@ def run_setup(setup: Setup, args, results: dict, layer_rows: list, save: Callabl
             )
           log(
             f"{setup.name} sp={sp} bits={bits} {name:8s} {stage}: acc {acc:.4f} "
-            f"ratio {row['ratio']:.2f}x mse {row['mean_mse']:.3g} "
-            f"rel {row['mean_rel_mse']:.4f} ({row['seconds']:.0f}s)"
+            f"ratio {row['ratio']:.2f}x ({len(data)} B) mult {ops['multiplies']:,} "
+            f"shift {ops['shifts']:,} rel-mse {row['mean_rel_mse']:.4f} ({row['seconds']:.0f}s)"
           )
           save()
   return starts
@@ -420,7 +528,7 @@ def ablation(setup: Setup, start, args, results: dict, save: Callable):
   rows = []
   for w_sep in args.w_seps:
     m = Method("fq", _fq_tx(w_sep=w_sep), fq.quantized, "focus")
-    tx = m.make_tx(optax.sgd(0.0), args.ablation_bits)
+    tx = m.make_tx(optax.sgd(0.0), args.ablation_bits, fq.QuantSchedule())
     state = jax.jit(tx.init)(params)
     acc = evaluate(fq.quantized(params, state), bs, setup.test)
     data = encode(m, params, bs, state)
@@ -451,35 +559,40 @@ def ablation(setup: Setup, start, args, results: dict, save: Callable):
 # ----------------------------------------------------------------------------
 
 
+def _millions(n) -> str:
+  return f"{n / 1e6:.3f}M" if n >= 1e6 else f"{int(n):,}"
+
+
+def pareto_front(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
+  """The (ratio, accuracy) points no other point beats on both, by increasing ratio."""
+  front = []
+  for r, a in sorted(points, key=lambda p: (-p[0], -p[1])):
+    if not front or a > front[-1][1]:
+      front.append((r, a))
+  return sorted(front)
+
+
 def write_markdown(results: dict, path: Path):
   meta = results["meta"]
   lines = [
-    "# Focused Quantization against other quantizers on sparse CNNs",
+    "# A fair comparison of FQ with other quantizers on sparse CNNs (issue 12)",
     "",
     f"Generated by `{meta['command']}` on {meta['date']} ({meta['machine']}, "
-    f"{meta['platform']}; JAX {meta['jax']}); wall time {meta.get('wall_s', 0) / 60:.1f} min"
+    f"{meta['platform']}; JAX {meta['jax']}; load average at start {meta.get('load', '?')}); "
+    f"wall time {meta.get('wall_s', 0) / 60:.1f} min"
     f"{' (partial: run still going or stopped)' if not meta.get('complete') else ''}.",
     "",
-    "Same magnitude masks for every method of a setting (per-layer magnitude pruning, then a",
-    "short masked fine-tune of the float weights: the common starting point), the same",
-    "fine-tuning budget (steps, batch, optimizer and learning-rate schedule of the float",
-    "weights; FQ's alpha, the k-means centroids and the uniform scale all use adam(1e-4)), and",
-    "the same encoder: `fq.encode_model` with the rANS coder; the ratio is",
-    "4 x (values of every array the file rebuilds, batch statistics included) / file bytes.",
-    "MSE: mean over quantized layers of the mean squared error between each layer's quantized",
-    "kept weights and the float weights it quantized (the fine-tuned float shadow weights for",
-    "FT); rel = MSE / mean(w^2) of the kept weights, averaged over layers.",
-    "",
-    "Methods: **fq** = Focused Quantization (w_sep = 2.0); **shift** = shift (power-of-two)",
-    "quantization everywhere (INQ-style, `recentralize=False`); **kmeans** = Deep Compression",
-    "weight sharing (1-D k-means on the kept weights, 2^n centroids, linear init, empty",
-    "clusters re-seeded at the farthest weights as scikit-learn does, Lloyd to convergence or",
-    "100 iterations; centroids fine-tuned with the summed member gradients,",
-    "weights re-assigned to the nearest centroid every step); **uniform** = symmetric uniform",
-    "n-bit integers per layer with MSE-optimal clipping of max|w| (64 candidate fractions),",
-    "learned per-layer scale. All symbols are entropy coded (rANS), so `n` bits is a",
-    "quantizer resolution, not a storage cost: FQ n = 5 has 34 symbols, shift 17, k-means 32,",
-    "uniform 32.",
+    "Every method: the same magnitude masks (per-layer magnitude pruning, then a short masked",
+    "fine-tune of the float weights: the common start), the same INQ staging (25 / 50 / 75 /",
+    "87.5 / 100% of each layer's kept weights quantized in the forward pass, largest magnitude",
+    "first, never released), the same re-estimation steps (FQ and shift refit their mixtures,",
+    "k-means re-clusters, uniform re-chooses its clip), the same steps, optimizer and",
+    "learning-rate schedule of the float weights (adam(1e-4) for FQ's alpha, the k-means",
+    "centroids and the uniform scale), and the same encoder (`fq.encode_model`, rANS); ratio =",
+    "4 x (values of every array the file rebuilds) / file bytes. Operations per image over all",
+    "kernels, from the layer shapes and masks: FQ/shift use one shift and one add per kept",
+    "weight and output position and no multiplier (a recentralized FQ layer adds 2 multiplies",
+    "per output value); k-means/uniform one multiply and one add per kept weight and position.",
     "",
   ]
   for model_name in ("digits", "resnet20"):
@@ -488,21 +601,34 @@ def write_markdown(results: dict, path: Path):
       continue
     cfg = meta["settings"][model_name]
     lines += [f"## {model_name}", "", cfg, ""]
-    lines += ["| float model | accuracy | file ratio |", "|---|---|---|"]
+    if "schedule" in r:
+      sc = r["schedule"]
+      lines += [
+        f"Schedule (every method): INQ fractions {tuple(sc['inq_fractions'])} beginning at "
+        f"steps {(0, *sc['inq_boundaries'])}; re-estimation first at step {sc['refit_every']},"
+        f" intervals x{sc['refit_growth']:g}.",
+        "",
+      ]
+    lines += [
+      "| float model | accuracy | file ratio | multiplies / image |",
+      "|---|---|---|---|",
+    ]
     for f in r["float"]:
       extra = (
         f" (pruned, before the masked fine-tune: {f['accuracy_before_finetune']:.4f})"
         if "accuracy_before_finetune" in f
         else ""
       )
+      mults = _millions(f["multiplies"]) if "multiplies" in f else "-"
       lines.append(
-        f"| sparsity {f['sparsity']:.2f} | {f['accuracy']:.4f}{extra} | {f['ratio']:.2f}x |"
+        f"| sparsity {f['sparsity']:.2f} | {f['accuracy']:.4f}{extra} | {f['ratio']:.2f}x | "
+        f"{mults} |"
       )
     lines += [
       "",
-      "| sparsity | bits | method | PTQ acc | FT acc | PTQ ratio | FT ratio | "
-      "PTQ MSE (rel) | FT MSE (rel) |",
-      "|---|---|---|---|---|---|---|---|---|",
+      "| sparsity | bits | method | accuracy (staged FT) | PTQ acc | file ratio | file bytes | "
+      "multiplies / image | shifts / image | adds / image | rel. MSE |",
+      "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     runs = r["runs"]
     keys = sorted({(x["sparsity"], x["bits"]) for x in runs})
@@ -510,35 +636,38 @@ def write_markdown(results: dict, path: Path):
       group = {
         (x["method"], x["stage"]): x for x in runs if (x["sparsity"], x["bits"]) == (sp, bits)
       }
-      best = {
-        st: max((x["accuracy"] for (mm, s2), x in group.items() if s2 == st), default=None)
-        for st in ("ptq", "ft")
-      }
+      best = max((x["accuracy"] for (_, st), x in group.items() if st == "ft"), default=None)
       for name in METHODS:
         p, f = group.get((name, "ptq")), group.get((name, "ft"))
-        if p is None and f is None:
+        x = f or p
+        if x is None:
           continue
-
-        def acc(x, st):
-          if x is None:
-            return "-"
-          s = f"{x['accuracy']:.4f}"
-          return f"**{s}**" if x["accuracy"] == best[st] else s
-
-        def ratio(x):
-          return "-" if x is None else f"{x['ratio']:.2f}x"
-
-        def mse(x):
-          return "-" if x is None else f"{x['mean_mse']:.3g} ({x['mean_rel_mse']:.4f})"
-
+        acc = "-" if f is None else f"{f['accuracy']:.4f}"
+        if f is not None and f["accuracy"] == best:
+          acc = f"**{acc}**"
         tag = name
-        if name == "fq" and p is not None:
-          tag = f"fq ({p['recentralized_layers']}/{p['layers']} rec.)"
+        if name == "fq":
+          tag = f"fq ({x['recentralized_layers']}/{x['layers']} rec.)"
         lines.append(
-          f"| {sp:.2f} | {bits} | {tag} | {acc(p, 'ptq')} | {acc(f, 'ft')} | "
-          f"{ratio(p)} | {ratio(f)} | {mse(p)} | {mse(f)} |"
+          f"| {sp:.2f} | {bits} | {tag} | {acc} | "
+          f"{'-' if p is None else format(p['accuracy'], '.4f')} | {x['ratio']:.2f}x | "
+          f"{x['file_bytes']:,} | {_millions(x.get('multiplies', 0))} | "
+          f"{_millions(x.get('shifts', 0))} | {_millions(x.get('adds', 0))} | "
+          f"{x['mean_rel_mse']:.4f} |"
         )
-    lines.append("")
+    front = pareto_front([(x["ratio"], x["accuracy"]) for x in runs if x["stage"] == "ft"])
+    names = {
+      (x["ratio"], x["accuracy"]): f"{x['method']}@{x['sparsity']:.2f}"
+      for x in runs
+      if x["stage"] == "ft"
+    }
+    lines += [
+      "",
+      "Pareto front (staged FT; accuracy against file ratio): "
+      + ", ".join(f"{names[p]} ({p[0]:.2f}x, {p[1]:.4f})" for p in front)
+      + ".",
+      "",
+    ]
   ab = results.get("ablation")
   if ab and ab["rows"]:
     rows = ab["rows"]
@@ -554,66 +683,71 @@ def write_markdown(results: dict, path: Path):
         f"| {x['w_sep']:.1f} | {nrec}/{len(x['kinds'])} | {x['accuracy']:.4f} | "
         f"{x['ratio']:.2f}x | {x['mean_mse']:.3g} ({x['mean_rel_mse']:.4f}) |"
       )
-    sep = rows[0]["separation"]
-    lines += [
-      "",
-      "Per layer: Wasserstein separation (Eq. 4) and the quantizer chosen at each "
-      "w_sep (R = recentralized, s = shift); a layer switches to shift once w_sep "
-      "exceeds its separation.",
-      "",
-      "| layer | separation | " + " | ".join(f"{x['w_sep']:.1f}" for x in rows) + " |",
-      "|---|---|" + "---|" * len(rows),
-    ]
-    for layer in sep:
-      kinds = " | ".join("R" if x["kinds"][layer] == "recentralized" else "s" for x in rows)
-      lines.append(f"| {layer.removesuffix('/kernel')} | {sep[layer]:.2f} | {kinds} |")
     lines.append("")
   lines += results.get("discussion", [])
   path.write_text("\n".join(lines) + "\n")
 
 
-def plot(results: dict, outdir: Path, tag: str = ""):
+MARKERS = {"fq": "o", "shift": "s", "kmeans": "^", "uniform": "D"}
+
+
+def plot(results: dict, outdir: Path, stem: str):
+  """One PNG per model: accuracy against file ratio, every method and sparsity, with the
+  Pareto front of the staged fine-tuned points."""
   import matplotlib
 
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
 
-  from fq_jax.plotting import plot_accuracy_vs_ratio
-
   for model_name in ("digits", "resnet20"):
     r = results.get(model_name)
     if not r or not r["runs"]:
       continue
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
-    for ax, stage in zip(axes, ("ptq", "ft")):
-      series = {}
-      for name in METHODS:
-        pts = [
-          (x["ratio"], x["accuracy"])
-          for x in r["runs"]
-          if x["method"] == name and x["stage"] == stage
-        ]
-        if pts:
-          series[name] = pts
-      if series:
-        plot_accuracy_vs_ratio(
-          series,
-          ax=ax,
-          title=(
-            f"{model_name}: {'post-training' if stage == 'ptq' else 'fine-tuned'} "
-            f"(points: sparsity x bits)"
-          ),
+    runs = [x for x in r["runs"] if x["stage"] == "ft"] or r["runs"]
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    for name in METHODS:
+      pts = [x for x in runs if x["method"] == name]
+      if not pts:
+        continue
+      ax.scatter(
+        [x["ratio"] for x in pts],
+        [x["accuracy"] for x in pts],
+        marker=MARKERS[name],
+        s=45,
+        label=f"{name} ({'no multiplier' if name in ('fq', 'shift') else 'multiplies'})",
+      )
+      for x in pts:
+        ax.annotate(
+          f"{x['sparsity']:.0%}",
+          (x["ratio"], x["accuracy"]),
+          fontsize=7,
+          xytext=(4, 3),
+          textcoords="offset points",
         )
+    front = pareto_front([(x["ratio"], x["accuracy"]) for x in runs])
+    ax.plot([p[0] for p in front], [p[1] for p in front], "k--", lw=0.8, label="Pareto front")
+    for f in r["float"]:
+      ax.axhline(f["accuracy"], color="grey", lw=0.5, ls=":")
+    bits = sorted({x["bits"] for x in runs})
+    ax.set_xlabel("compression ratio (file on disk)")
+    ax.set_ylabel(f"top-1 accuracy ({r.get('eval_examples', '?')} test images)")
+    ax.set_title(
+      f"{model_name}: {bits} bits, same masks, INQ staging, refits, steps "
+      f"(labels: sparsity; dotted: float models)",
+      fontsize=8,
+    )
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(outdir / f"compare_{model_name}{tag}.png", dpi=110)
+    fig.savefig(outdir / f"{stem}_{model_name}.png", dpi=110)
     plt.close(fig)
 
 
-def replot(json_path: str, tag: str = ""):
+def replot(json_path: str):
   """Redraws the figures and the markdown of a saved run (e.g. one copied from another machine)."""
   path = Path(json_path)
   results = json.loads(path.read_text())
-  plot(results, path.parent, tag)
+  plot(results, path.parent, path.stem)
   write_markdown(results, path.with_suffix(".md"))
 
 
@@ -621,22 +755,46 @@ def main(argv=None):
   ap = argparse.ArgumentParser(
     description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
   )
-  ap.add_argument("--models", nargs="+", default=["digits", "resnet20"])
-  ap.add_argument("--methods", nargs="+", default=list(METHODS))
-  ap.add_argument("--bits", nargs="+", type=int, default=[5, 7])
+  ap.add_argument("--models", nargs="+", default=["digits"], choices=["digits", "resnet20"])
+  ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+  ap.add_argument("--bits", nargs="+", type=int, default=[5])
+  ap.add_argument(
+    "--sparsities",
+    nargs="+",
+    type=float,
+    default=None,
+    help="magnitude sparsities (default: digits 0.7 0.9, resnet20 0.5 0.7)",
+  )
+  ap.add_argument(
+    "--steps",
+    "--ft-steps",
+    type=int,
+    default=0,
+    help="staged fine-tuning steps per method (default: digits 120, resnet20 150; quick: 40 / 32)",
+  )
+  ap.add_argument(
+    "--quick",
+    action="store_true",
+    help="a smoke run: fewer dense / masked / staged steps, ResNet-20 on 500 test images",
+  )
+  ap.add_argument("--no-ptq", dest="ptq", action="store_false", help="skip the PTQ rows")
   ap.add_argument("--batch", type=int, default=64, help="ResNet-20 batch size")
   ap.add_argument("--mask-steps", type=int, default=60, help="ResNet-20 masked fine-tune steps")
-  ap.add_argument("--ft-steps", type=int, default=40, help="ResNet-20 quantized fine-tune steps")
   ap.add_argument(
     "--eval-size",
     type=int,
-    default=2000,
+    default=0,
     help="ResNet-20 test images (fixed random subset); 0 = all 10,000",
   )
   ap.add_argument("--digits-dense-steps", type=int, default=400)
   ap.add_argument("--digits-mask-steps", type=int, default=63)
-  ap.add_argument("--digits-ft-steps", type=int, default=63)
-  ap.add_argument("--w-seps", nargs="+", type=float, default=[1.0, 1.5, 2.0, 2.5, 3.0, 3.5])
+  ap.add_argument(
+    "--w-seps",
+    nargs="*",
+    type=float,
+    default=[],
+    help="also the paper's w_sep ablation (ResNet-20, PTQ) at these thresholds",
+  )
   ap.add_argument("--ablation-bits", type=int, default=5)
   ap.add_argument("--ablation-sparsity", type=float, default=0.7)
   ap.add_argument("--resnet20", default=None, help="checkpoint (default ../shared/models/...)")
@@ -651,7 +809,7 @@ def main(argv=None):
   )
   args = ap.parse_args(argv)
   if args.replot:
-    replot(args.replot, args.tag)
+    replot(args.replot)
     return
   outdir = Path(args.out)
   outdir.mkdir(parents=True, exist_ok=True)
@@ -667,6 +825,10 @@ def main(argv=None):
         break
   except OSError:
     pass
+  try:
+    load = " ".join(f"{x:.1f}" for x in os.getloadavg())
+  except OSError:
+    load = "?"
   device = jax.devices()[0]
   results = {
     "meta": dict(
@@ -674,6 +836,7 @@ def main(argv=None):
       + " ".join(sys.argv[1:] if argv is None else argv),
       date=time.strftime("%Y-%m-%d %H:%M %Z"),
       machine=f"{machine}, {os.cpu_count()} cpus",
+      load=load,
       platform=f"{device.platform} ({getattr(device, 'device_kind', '')})",
       jax=jax.__version__,
       complete=False,
@@ -681,7 +844,7 @@ def main(argv=None):
     )
   }
   layer_rows: list[dict] = []
-  stem = f"compare_quantizers{args.tag}"
+  stem = f"compare_fair{args.tag}"
 
   def save():
     results["meta"]["wall_s"] = time.time() - T0
@@ -698,30 +861,29 @@ def main(argv=None):
     if name == "digits":
       setup = digits_setup(args)
       results["meta"]["settings"]["digits"] = (
-        f"DigitsCNN trained from scratch ({args.digits_dense_steps} adam steps, batch 64); "
-        f"sparsities {setup.sparsities}; masked fine-tune {setup.mask_steps} adam steps; "
-        f"quantized fine-tune {setup.ft_steps} steps (~3 epochs) of adam(3e-4, cosine) per "
-        f"method; all {len(setup.test[1])} test images."
+        f"DigitsCNN trained from scratch (adam, batch 64); sparsities {setup.sparsities}; "
+        f"masked fine-tune {setup.mask_steps} adam steps; staged quantized fine-tune "
+        f"{setup.ft_steps} steps of adam(3e-4, cosine) per method; all "
+        f"{len(setup.test[1])} test images."
       )
-      run_setup(setup, args, results, layer_rows, save)
-    elif name == "resnet20":
+    else:
       setup = resnet_setup(args)
       results["meta"]["settings"]["resnet20"] = (
         f"Shipped ResNet-20 (../shared/models/resnet20-cifar10.npz); sparsities "
         f"{setup.sparsities}; masked fine-tune {setup.mask_steps} steps of SGD(0.01, momentum "
-        f"0.9, cosine), batch {setup.batch}, crop+flip augmentation; quantized fine-tune "
-        f"{setup.ft_steps} steps of SGD(0.005, momentum 0.9, cosine), batch {setup.batch} "
-        f"(= {setup.ft_steps * setup.batch / 50000:.3f} epochs) per method; accuracy on "
-        f"{len(setup.test[1])} images of the CIFAR-10 JPEG test split"
+        f"0.9, cosine), batch {setup.batch}, crop+flip augmentation; staged quantized "
+        f"fine-tune {setup.ft_steps} steps of SGD(0.005, momentum 0.9, cosine), batch "
+        f"{setup.batch} (= {setup.ft_steps * setup.batch / 50000:.3f} epochs) per method; "
+        f"accuracy on {len(setup.test[1])} images of the CIFAR-10 JPEG test split"
         f"{' (fixed random subset, seed 0)' if len(setup.test[1]) < 10000 else ''}."
       )
-      starts = run_setup(setup, args, results, layer_rows, save)
-      if args.w_seps and args.ablation_sparsity in starts:
-        ablation(setup, starts[args.ablation_sparsity], args, results, save)
-    plot(results, outdir, args.tag)
+    starts = run_setup(setup, args, results, layer_rows, save)
+    if name == "resnet20" and args.w_seps and args.ablation_sparsity in starts:
+      ablation(setup, starts[args.ablation_sparsity], args, results, save)
+    plot(results, outdir, stem)
   results["meta"]["complete"] = True
   save()
-  plot(results, outdir, args.tag)
+  plot(results, outdir, stem)
   log("done")
 
 

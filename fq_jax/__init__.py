@@ -1,18 +1,22 @@
 """fq-jax: Focused Quantization for sparse CNNs, as pure JAX functions."""
 
 from fq_jax._src.codebook import (
-  CodebookQState,
   CodebookState,
   codebook_mse,
-  codebook_quantization,
   codebook_quantize,
-  codebook_quantized,
   codebook_symbols,
   codebook_values,
-  find_codebook_state,
   kmeans_codebook,
   uniform_codebook,
   uniform_levels,
+)
+from fq_jax._src.codebook_transform import (
+  CodebookQState,
+  codebook_quantization,
+  codebook_quantized,
+  codebook_quantized_fraction,
+  codebooks_of,
+  find_codebook_state,
 )
 from fq_jax._src.gmm import (
   GMM,
@@ -86,6 +90,8 @@ from fq_jax.integer import (
 )
 
 __all__ = [
+  "codebook_quantized_fraction",
+  "codebooks_of",
   "DecodeLimits",
   "ModelMetadata",
   "ActivationScale",

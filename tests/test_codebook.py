@@ -217,6 +217,113 @@ def test_wrapper_keeps_pruned_zero_and_learns_codebooks(method):
 
 
 # ----------------------------------------------------------------------------
+# INQ staging and codebook rebuilds: the schedule `fq.focused_quantization` takes
+# ----------------------------------------------------------------------------
+
+
+def _adam_count(learned_state):
+  return int(next(s.count for s in learned_state if isinstance(s, optax.ScaleByAdamState)))
+
+
+@pytest.mark.parametrize("method,reassign", [("kmeans", False), ("uniform", True)])
+def test_staged_run_follows_the_schedule(method, reassign):
+  rng = np.random.default_rng(3)
+  params = {
+    "conv": {"kernel": jnp.asarray(rng.normal(size=(3, 3, 4, 8)), jnp.float32)},
+    "head": {"kernel": jnp.asarray(rng.normal(size=(8, 5)), jnp.float32), "bias": jnp.zeros(5)},
+  }
+  params = fq.apply_masks(params, fq.magnitude_masks(params, 0.6))
+  target = jax.tree.map(lambda p: 0.5 * p + 0.1, params)
+  sched = fq.inq_schedule(3)  # stages begin at 3, 6, 9, 12; rebuilds at 3, 3 + 6, 9 + 12
+  fractions = np.asarray(sched.inq_fractions)
+  rebuild_steps = {3, 9}
+  bits = 3
+  tx = fq.codebook_quantization(
+    optax.sgd(0.05, momentum=0.9),
+    bits=bits,
+    method=method,
+    schedule=sched,
+    reassign=reassign,
+    codebook_optimizer=optax.adam(1e-2),
+  )
+  state = tx.init(params)
+
+  @jax.jit
+  def step(params, state):
+    loss = lambda p: sum(
+      jnp.sum((a - b) ** 2)
+      for a, b in zip(jax.tree.leaves(fq.codebook_quantized(p, state)), jax.tree.leaves(target))
+    )
+    g = jax.grad(loss)(params)
+    updates, state = tx.update(g, state, params)
+    return optax.apply_updates(params, updates), state
+
+  paths = ("conv", "head")
+  prev = fq.find_codebook_state(state)
+  last_rebuild = 0
+  for t in range(1, 15):
+    params, state = step(params, state)
+    st = fq.find_codebook_state(state)
+    assert int(st.count) == t
+    stage = int(np.searchsorted(np.asarray(sched.inq_boundaries), t, side="right"))
+    assert int(st.stage) == stage
+    rebuilt = t in rebuild_steps
+    last_rebuild = t if rebuilt else last_rebuild
+    if method == "kmeans":  # a rebuild restarts the centroid optimizer: adam's count says when
+      assert _adam_count(st.learned_state) == t - last_rebuild
+    q_tree = fq.codebook_quantized(params, state)
+    for path in paths:
+      w = np.asarray(params[path]["kernel"])
+      m = np.asarray(st.masks[path]["kernel"])
+      inq = np.asarray(st.inq[path]["kernel"])
+      old = np.asarray(prev.inq[path]["kernel"])
+      cs, ocs = st.codebooks[path]["kernel"], prev.codebooks[path]["kernel"]
+      # Exactly the scheduled fraction of the kept weights, never released.
+      assert inq.sum() == int(np.ceil(fractions[stage] * m.sum()))
+      assert np.all(inq <= m) and np.all(inq >= old)
+      new = inq & ~old
+      if new.any():  # largest magnitude first
+        free = m & ~inq
+        assert not free.any() or np.abs(w[new]).min() >= np.abs(w[free]).max()
+      # The forward pass: codewords for the INQ set, float for the other kept, 0 pruned.
+      q = np.asarray(q_tree[path]["kernel"])
+      book = np.asarray(cs.codebook)
+      sym = np.asarray(cs.symbols)
+      np.testing.assert_array_equal(q[inq], book[sym[inq]])
+      np.testing.assert_array_equal(q[m & ~inq], w[m & ~inq])
+      assert np.all(q[~m] == 0) and np.all(w[~m] == 0)
+      nearest = np.argmin(np.abs(w[..., None] - book), axis=-1)
+      if rebuilt and method == "kmeans":
+        # Lloyd's fixed point on the current kept weights: each used centroid is the
+        # mean of its members (the centroid optimizer has not stepped since).
+        members = nearest[m]
+        for k in np.unique(members):
+          assert book[k] == pytest.approx(w[m][members == k].mean(), rel=1e-4, abs=1e-6)
+      if rebuilt and method == "uniform":
+        # clip="max": base = max|w| / (2^(n-1) - 1) * levels, times the learned alpha.
+        top = np.abs(w[m]).max() / (2 ** (bits - 1) - 1)
+        levels = np.arange(-(2 ** (bits - 1)), 2 ** (bits - 1))
+        np.testing.assert_allclose(np.asarray(st.base[path]["kernel"]), top * levels, rtol=1e-5)
+      if reassign:
+        np.testing.assert_array_equal(sym[m], nearest[m])
+      elif not rebuilt:
+        # Fixed symbols: a frozen weight keeps its codeword index between rebuilds;
+        # a weight entering the INQ set gets its nearest one.
+        np.testing.assert_array_equal(sym[old], np.asarray(ocs.symbols)[old])
+        np.testing.assert_array_equal(sym[new], nearest[new])
+    prev = st
+  # The last stage quantizes every kept weight.
+  assert int(st.stage) == len(fractions) - 1
+  for path in paths:
+    np.testing.assert_array_equal(np.asarray(st.inq[path]["kernel"]), st.masks[path]["kernel"])
+
+
+def test_codebook_schedule_type_is_checked():
+  with pytest.raises(TypeError, match="QuantSchedule"):
+    fq.codebook_quantization(optax.sgd(0.1), schedule=(0.5, 1.0))
+
+
+# ----------------------------------------------------------------------------
 # The .fqz codebook kind
 # ----------------------------------------------------------------------------
 
@@ -353,8 +460,7 @@ def test_malformed_codebook_sections_name_the_section(edit, message):
     fq.decode_model(_edit(data, edit))
 
 
-def test_codebook_file_fuzz_raises_only_format_errors(monkeypatch):
-  monkeypatch.setenv("FQ_JAX_CODEC_STRICT", "1")
+def test_codebook_file_fuzz_raises_only_format_errors():
   files = [_file()] + fuzz_fqz.sample_files()
   counts = fuzz_fqz.run(600, 11, files)
   assert sum(counts.values()) == 600 and counts["FormatError"] > 300

@@ -15,7 +15,7 @@ wrapper that fine-tunes the kept weights and the codebooks together:
     gradient on kept weights (straight-through, as `fq.focused_quantize`) and
     the true gradient with respect to the codebook (each codeword receives
     the sum of its members' gradients, Han et al.'s centroid fine-tuning).
-  * `codebook_quantization`: the optax wrapper (state `CodebookQState` in the
+  * `codebook_quantization` (fq_jax/_src/codebook_transform.py): the optax wrapper (state `CodebookQState` in the
     optimizer state, pruned weights stay exactly 0), with
     `codebook_quantized(params, state)` for the forward pass.
 
@@ -27,14 +27,11 @@ the decoded value is `codebook[symbol]`, bit-identical to the forward pass.
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Sequence
-from typing import Any, Literal, NamedTuple
+from typing import Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import optax
 
-from fq_jax._src import rules as rules_lib
 from fq_jax._src import transforms
 
 # Bit-widths of the codebook baselines (K = 2^bits codewords). One bit is a legitimate
@@ -42,6 +39,10 @@ from fq_jax._src import transforms
 # sign and an exponent (`fq_jax._src.quantizers.MIN_BITS` = 2).
 MIN_CODEBOOK_BITS = 1
 MAX_CODEBOOK_BITS = 8
+
+# The default schedule, as `fq.focused_quantization`'s: everything quantized from the first
+# step, never rebuilt.
+_EVERYTHING_AT_ONCE = transforms.QuantSchedule()
 
 
 class CodebookState(NamedTuple):
@@ -322,262 +323,8 @@ def _codebook_quantize(w, state, c, reassign):
   return (value + through).astype(jnp.asarray(w).dtype)
 
 
-# ----------------------------------------------------------------------------
-# Fine-tuning: an optax wrapper
-# ----------------------------------------------------------------------------
-
-
-def _is_leaf(x) -> bool:
-  return x is None or isinstance(x, CodebookState)
-
-
-class CodebookQState(NamedTuple):
-  """State of `codebook_quantization` (arrays only).
-
-  Attributes:
-    count: updates so far.
-    masks: keep-masks of compressed leaves (None for dense leaves).
-    codebooks: `CodebookState` of quantized leaves (None elsewhere); their
-      codebook and symbols are the ones in force.
-    base: for `learn="scale"`, each layer's initial codebook (None elsewhere
-      or otherwise); the codebook in force is alpha * base.
-    learned: what the codebook optimizer trains: the codebooks
-      (`learn="centroids"`), the alphas (`learn="scale"`) or nothing.
-    learned_state: the codebook optimizer's state.
-    reassign: bool scalar, whether symbols follow the weights.
-    inner_state: the inner optimizer's state.
-  """
-
-  count: jax.Array
-  masks: Any
-  codebooks: Any
-  base: Any
-  learned: Any
-  learned_state: optax.OptState
-  reassign: jax.Array
-  inner_state: optax.OptState
-
-
-def find_codebook_state(opt_state) -> CodebookQState:
-  """The single `CodebookQState` inside any optax state."""
-  if isinstance(opt_state, CodebookQState):
-    return opt_state
-  found = [
-    x
-    for x in jax.tree.leaves(opt_state, is_leaf=lambda x: isinstance(x, CodebookQState))
-    if isinstance(x, CodebookQState)
-  ]
-  if len(found) != 1:
-    raise ValueError(
-      f"expected exactly one CodebookQState in the optimizer state, found {len(found)}"
-    )
-  return found[0]
-
-
-def codebook_quantized(params, state) -> Any:
-  """The forward-pass parameter tree under `codebook_quantization`.
-
-  Quantized leaves go through `codebook_quantize` (straight-through), pruned
-  entries of pruned-only leaves read as 0, dense leaves pass through.
-  """
-  state = find_codebook_state(state)
-
-  def one(m, cs, w):
-    if m is None:
-      return w
-    if cs is None:
-      return jnp.where(m, w, jnp.zeros_like(w))
-    return codebook_quantize(w, cs, reassign=state.reassign)
-
-  return jax.tree.map(one, state.masks, state.codebooks, params, is_leaf=_is_leaf)
-
-
-def _map_present(fn, first, *rest):
-  return jax.tree.map(
-    lambda a, *xs: None if a is None else fn(a, *xs), first, *rest, is_leaf=_is_leaf
-  )
-
-
-def codebook_quantization(
-  inner: optax.GradientTransformation,
-  *,
-  bits: int = 5,
-  method: Literal["kmeans", "uniform"] = "kmeans",
-  rules: Sequence[rules_lib.Rule] = rules_lib.DEFAULT_RULES,
-  masks: Any | Callable[[Any], Any] | None = None,
-  kmeans_iters: int = 100,
-  clip: Literal["max", "mse"] = "max",
-  learn: Literal["centroids", "scale", "none"] | None = None,
-  codebook_optimizer: optax.GradientTransformation | None = None,
-  reassign: bool = True,
-) -> optax.GradientTransformationExtraArgs:
-  """Fine-tunes under codebook quantization (k-means or uniform): wraps `inner`.
-
-  The codebooks are built at `init` from the (already pruned) parameters:
-  `kmeans_codebook` or `uniform_codebook` per quantized leaf (rules decide
-  which leaves and their bits, as for `fq.focused_quantization`; `w_sep` and
-  `recentralize` are ignored). A training step is
-
-      grads = jax.grad(lambda p: loss(fq.codebook_quantized(p, opt_state)))(params)
-      updates, opt_state = tx.update(grads, opt_state, params)
-      params = optax.apply_updates(params, updates)
-
-  Each update (1) zeroes the gradients and the updates of pruned weights
-  (they stay exactly 0 when they start at 0) and runs `inner` on the kept
-  ones (straight-through: the gradient reaching a weight is dL/dQ);
-  (2) gives each codeword the sum of its members' gradients and updates the
-  codebooks with `codebook_optimizer`: every codeword (`learn="centroids"`,
-  the default for k-means: Han et al.'s centroid fine-tuning) or one scale
-  alpha per layer multiplying the initial codebook (`learn="scale"`, the
-  default for uniform, which keeps the levels uniform; alpha's gradient is
-  sum_k g_k c_k / alpha), or nothing; (3) with `reassign`, re-assigns every
-  kept weight to its nearest codeword of the updated codebook (so the kept
-  float weights and the codebook are fine-tuned together); without it the
-  symbols stay fixed as in Deep Compression and only the codebook learns.
-
-  Args:
-    inner: optimizer of the float weights.
-    bits: default bits per weight (codebooks of 2^bits entries).
-    method: "kmeans" or "uniform".
-    rules: selection rules (see `fq.Rule`).
-    masks: keep-masks (tree or function of params); default: the non-zero
-      entries of prunable leaves.
-    kmeans_iters: Lloyd iterations.
-    clip: clipping rule of the uniform codebook.
-    learn: "centroids", "scale" or "none" (default by method, above).
-    codebook_optimizer: default `optax.adam(1e-4)` (as FQ's alpha).
-    reassign: whether symbols follow the weights (see above).
-
-  Returns:
-    An optax `GradientTransformationExtraArgs` (needs `params` in update).
-
-  Example:
-    >>> import jax, jax.numpy as jnp, optax, fq_jax as fq
-    >>> params = {"kernel": jax.random.normal(jax.random.key(0), (16, 16))}
-    >>> params = fq.apply_masks(params, fq.magnitude_masks(params, 0.5))
-    >>> tx = fq.codebook_quantization(optax.sgd(0.1, momentum=0.9), bits=3)
-    >>> state = tx.init(params)
-    >>> loss = lambda p: jnp.sum(p["kernel"] ** 2)
-    >>> grads = jax.grad(lambda p: loss(fq.codebook_quantized(p, state)))(params)
-    >>> updates, state = tx.update(grads, state, params)
-    >>> params = optax.apply_updates(params, updates)
-    >>> int(jnp.sum(params["kernel"] == 0))  # pruned weights stay exactly 0
-    128
-  """
-  _check_bits(bits)
-  if method not in ("kmeans", "uniform"):
-    raise ValueError(f"method must be 'kmeans' or 'uniform', got {method!r}")
-  if learn is None:
-    learn = "centroids" if method == "kmeans" else "scale"
-  if learn not in ("centroids", "scale", "none"):
-    raise ValueError(f"learn must be 'centroids', 'scale' or 'none', got {learn!r}")
-  if codebook_optimizer is None:
-    codebook_optimizer = optax.adam(1e-4)
-
-  def build(spec, w, m):
-    if method == "kmeans":
-      return kmeans_codebook(w, m, bits=spec.bits, iters=kmeans_iters)
-    return uniform_codebook(w, m, bits=spec.bits, clip=clip)
-
-  def init(params):
-    return jax.jit(_init)(params)
-
-  def _init(params):
-    specs = rules_lib.resolve(params, rules, bits=bits)
-    m = transforms._derive_masks(masks, specs, params)
-    cbs = jax.tree.map(
-      lambda s, w, mk: None if s is None or not s.quantize else build(s, w, mk),
-      specs,
-      params,
-      m,
-      is_leaf=lambda x: x is None,
-    )
-    base = _map_present(lambda c: c.codebook, cbs) if learn == "scale" else None
-    learned = (
-      _map_present(lambda c: c.codebook, cbs)
-      if learn == "centroids"
-      else _map_present(lambda c: jnp.float32(1.0), cbs)
-      if learn == "scale"
-      else None
-    )
-    return CodebookQState(
-      count=jnp.zeros([], jnp.int32),
-      masks=m,
-      codebooks=cbs,
-      base=base,
-      learned=learned,
-      learned_state=codebook_optimizer.init(learned),
-      reassign=jnp.bool_(reassign),
-      inner_state=inner.init(params),
-    )
-
-  def update(updates, state: CodebookQState, params=None, **extra):
-    if params is None:
-      raise ValueError("codebook_quantization needs params in update()")
-    zero_pruned = lambda m, g: g if m is None else jnp.where(m, g, jnp.zeros_like(g))
-    grads = jax.tree.map(zero_pruned, state.masks, updates, is_leaf=lambda x: x is None)
-
-    def symbols_in_force(cs, w):
-      return jnp.where(state.reassign, codebook_symbols(w, cs.codebook, cs.mask), cs.symbols)
-
-    # d L / d codeword = sum of the gradients of its members (what reached w is dL/dQ).
-    codeword_grads = _map_present(
-      lambda cs, g, w: jax.ops.segment_sum(
-        jnp.where(cs.mask, g.astype(jnp.float32), 0.0).reshape(-1),
-        symbols_in_force(cs, w).reshape(-1),
-        num_segments=cs.codebook.shape[0],
-      ),
-      state.codebooks,
-      grads,
-      params,
-    )
-    codebooks = state.codebooks
-    learned, learned_state = state.learned, state.learned_state
-    if learn != "none":
-      if learn == "centroids":
-        lgrads = codeword_grads
-      else:
-        lgrads = _map_present(lambda b, gc: jnp.sum(gc * b), state.base, codeword_grads)
-      lupdates, learned_state = codebook_optimizer.update(lgrads, state.learned_state, learned)
-      learned = optax.apply_updates(learned, lupdates)
-      if learn == "centroids":
-        codebooks = _map_present(lambda cs, c: cs._replace(codebook=c), codebooks, learned)
-      else:
-        codebooks = _map_present(
-          lambda cs, b, a: cs._replace(codebook=a * b), codebooks, state.base, learned
-        )
-
-    new_updates, inner_state = inner.update(grads, state.inner_state, params, **extra)
-    new_updates = jax.tree.map(zero_pruned, state.masks, new_updates, is_leaf=lambda x: x is None)
-    new_params = optax.apply_updates(params, new_updates)
-    codebooks = _map_present(
-      lambda cs, w: cs._replace(
-        symbols=jnp.where(state.reassign, codebook_symbols(w, cs.codebook, cs.mask), cs.symbols)
-      ),
-      codebooks,
-      new_params,
-    )
-    return new_updates, CodebookQState(
-      count=state.count + 1,
-      masks=state.masks,
-      codebooks=codebooks,
-      base=state.base,
-      learned=learned,
-      learned_state=learned_state,
-      reassign=state.reassign,
-      inner_state=inner_state,
-    )
-
-  return optax.GradientTransformationExtraArgs(init, update)
-
-
 def codebook_mse(w: jax.Array, state: CodebookState) -> jax.Array:
   """Mean squared error of codebook[state.symbols] against `w` over kept weights."""
   q = codebook_values(state.symbols, state.codebook, state.mask)
   err = jnp.where(state.mask, (q - jnp.asarray(w, jnp.float32)) ** 2, 0.0)
   return jnp.sum(err) / jnp.maximum(jnp.sum(state.mask), 1)
-
-
-def codebooks_of(opt_state) -> Any:
-  """The tree of `CodebookState`s (None for other leaves) inside an optax state."""
-  return find_codebook_state(opt_state).codebooks
