@@ -239,6 +239,43 @@ def quantized(params, state) -> Any:
 # ----------------------------------------------------------------------------
 
 
+def cubic_sparsity_ramp(ramp_steps: int) -> Callable[[jax.Array], jax.Array]:
+  """Zhu and Gupta's (2017) gradual pruning schedule as a fraction of the target.
+
+  s_t = s_f + (s_i - s_f) (1 - t / T)^3 with s_i = 0 is s_f times
+  1 - (1 - t / T)^3: this returns that factor, 1 from t = T on.
+
+  Args:
+    ramp_steps: T, the updates over which sparsity rises to the target (0:
+      the target at once).
+
+  Returns:
+    A pure jittable `fraction(count)`.
+  """
+
+  def fraction(count):
+    if ramp_steps <= 0:
+      return jnp.ones([], jnp.float32)
+    t = jnp.clip(jnp.asarray(count, jnp.float32) / ramp_steps, 0.0, 1.0)
+    return 1.0 - (1.0 - t) ** 3
+
+  return fraction
+
+
+def _ramped_dns_masks(params, masks, sparsity, rules, fraction):
+  """`dns_masks` (scope "layer") at `fraction` (traced) of each leaf's target."""
+  specs = rules_lib.resolve(params, rules, sparsity=sparsity)
+
+  def leaf(spec, w, m):
+    if not spec.prune or spec.sensitivity is not None:
+      return masks_lib._dns_leaf(spec, w, m)
+    # Same count as `dns_target_mask` at fraction 1: round(target * size).
+    k = jnp.round(fraction * round(spec.sparsity * w.size)).astype(jnp.int32)
+    return masks_lib._prune_smallest(masks_lib._switch_points(w, m), k)
+
+  return masks_lib.map_specs(leaf, specs, params, masks)
+
+
 def dns_pruning(
   inner: optax.GradientTransformation,
   *,
@@ -247,6 +284,7 @@ def dns_pruning(
   rules: Sequence[rules_lib.Rule] = rules_lib.DEFAULT_RULES,
   update_every: int = 1,
   scope: Literal["layer", "global"] = "layer",
+  sparsity_schedule: Callable[[jax.Array], jax.Array] | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   """Dynamic Network Surgery: prune and splice while `inner` trains.
 
@@ -266,6 +304,13 @@ def dns_pruning(
     update_every: updates between mask updates.
     scope: "layer" (each layer at its target) or "global" (one threshold over
       the layers that follow the global `sparsity`); see `fq.dns_masks`.
+    sparsity_schedule: optional gradual ramp (needs `sparsity=`, scope
+      "layer"): a pure jittable function of the update count (1 after the
+      first update) returning a fraction in [0, 1] that multiplies every
+      leaf's target, e.g. `cubic_sparsity_ramp(ramp_steps)` (Zhu and Gupta
+      2017). Each mask update prunes round(fraction * round(target * size))
+      weights with the same hysteresis band; leaves in sensitivity mode are
+      not ramped. None: the full target from the first update.
 
   Returns:
     An optax `GradientTransformationExtraArgs` (needs `params` in update).
@@ -278,6 +323,8 @@ def dns_pruning(
     raise ValueError(
       f"dns_pruning: scope must be 'layer', or 'global' with sparsity=; got {scope!r}"
     )
+  if sparsity_schedule is not None and (sparsity is None or scope != "layer"):
+    raise ValueError("dns_pruning: sparsity_schedule needs sparsity= and scope='layer'")
 
   def init(params):
     specs = rules_lib.resolve(params, rules, sparsity=sparsity or 0.0)
@@ -290,18 +337,20 @@ def dns_pruning(
     new_updates, inner_state = inner.update(updates, state.inner_state, params, **extra)
     count = state.count + 1
     new_params = optax.apply_updates(params, new_updates)
-    masks = jax.lax.cond(
-      count % update_every == 0,
-      lambda: masks_lib.dns_masks(
+    if sparsity_schedule is None:
+      new_masks = lambda: masks_lib.dns_masks(
         new_params,
         state.masks,
         sparsity=sparsity,
         sensitivity=sensitivity,
         rules=rules,
         scope=scope,
-      ),
-      lambda: state.masks,
-    )
+      )
+    else:
+      new_masks = lambda: _ramped_dns_masks(
+        new_params, state.masks, sparsity, rules, sparsity_schedule(count)
+      )
+    masks = jax.lax.cond(count % update_every == 0, new_masks, lambda: state.masks)
     return new_updates, PruneState(count, masks, inner_state)
 
   return optax.GradientTransformationExtraArgs(init, update)
