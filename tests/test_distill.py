@@ -13,7 +13,7 @@ import optax
 import pytest
 
 import fq_jax as fq
-from fq_jax._src import transforms
+from fq_jax._src import sparsity_ramp
 from fq_jax.pipeline import ConfigError, losses, plans, train_lib
 from fq_jax.pipeline import configuration as cfg
 from fq_jax.pipeline import steps as steps_lib
@@ -146,20 +146,20 @@ def test_train_step_distills_from_the_frozen_teacher():
 
 def test_cubic_ramp_follows_zhu_and_gupta():
   ramp_steps, s_f, s_i = 20, 0.7, 0.0
-  ramp = jax.jit(transforms.cubic_sparsity_ramp(ramp_steps))
+  ramp = jax.jit(sparsity_ramp.cubic(ramp_steps))
   for t in range(0, 31):
     tt = min(t, ramp_steps)
     expected = s_f + (s_i - s_f) * (1 - tt / ramp_steps) ** 3  # Zhu and Gupta 2017, Eq. 1
     assert float(ramp(t)) * s_f == pytest.approx(expected, abs=1e-6)
   assert float(ramp(0)) == 0.0 and float(ramp(ramp_steps)) == 1.0
-  assert float(transforms.cubic_sparsity_ramp(0)(0)) == 1.0  # no ramp: the target at once
+  assert float(sparsity_ramp.cubic(0)(0)) == 1.0  # no ramp: the target at once
 
 
 def test_dns_sparsity_follows_the_ramp_then_matches_plain_dns():
   rng = np.random.default_rng(0)
   params = {"a": {"kernel": jnp.asarray(rng.normal(size=(12, 10)), jnp.float32)}}
   target, ramp_steps, num_steps = 0.6, 8, 12
-  ramp = transforms.cubic_sparsity_ramp(ramp_steps)
+  ramp = sparsity_ramp.cubic(ramp_steps)
   tx = fq.dns_pruning(optax.sgd(0.05), sparsity=target, sparsity_schedule=ramp)
   grads = {"a": {"kernel": jnp.asarray(rng.normal(size=(12, 10)), jnp.float32)}}
 

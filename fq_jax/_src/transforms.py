@@ -27,6 +27,7 @@ import optax
 from fq_jax._src import masks as masks_lib
 from fq_jax._src import quantizers
 from fq_jax._src import rules as rules_lib
+from fq_jax._src import sparsity_ramp as ramp_lib
 
 MaskTree = Any
 
@@ -239,43 +240,6 @@ def quantized(params, state) -> Any:
 # ----------------------------------------------------------------------------
 
 
-def cubic_sparsity_ramp(ramp_steps: int) -> Callable[[jax.Array], jax.Array]:
-  """Zhu and Gupta's (2017) gradual pruning schedule as a fraction of the target.
-
-  s_t = s_f + (s_i - s_f) (1 - t / T)^3 with s_i = 0 is s_f times
-  1 - (1 - t / T)^3: this returns that factor, 1 from t = T on.
-
-  Args:
-    ramp_steps: T, the updates over which sparsity rises to the target (0:
-      the target at once).
-
-  Returns:
-    A pure jittable `fraction(count)`.
-  """
-
-  def fraction(count):
-    if ramp_steps <= 0:
-      return jnp.ones([], jnp.float32)
-    t = jnp.clip(jnp.asarray(count, jnp.float32) / ramp_steps, 0.0, 1.0)
-    return 1.0 - (1.0 - t) ** 3
-
-  return fraction
-
-
-def _ramped_dns_masks(params, masks, sparsity, rules, fraction):
-  """`dns_masks` (scope "layer") at `fraction` (traced) of each leaf's target."""
-  specs = rules_lib.resolve(params, rules, sparsity=sparsity)
-
-  def leaf(spec, w, m):
-    if not spec.prune or spec.sensitivity is not None:
-      return masks_lib._dns_leaf(spec, w, m)
-    # Same count as `dns_target_mask` at fraction 1: round(target * size).
-    k = jnp.round(fraction * round(spec.sparsity * w.size)).astype(jnp.int32)
-    return masks_lib._prune_smallest(masks_lib._switch_points(w, m), k)
-
-  return masks_lib.map_specs(leaf, specs, params, masks)
-
-
 def dns_pruning(
   inner: optax.GradientTransformation,
   *,
@@ -307,7 +271,7 @@ def dns_pruning(
     sparsity_schedule: optional gradual ramp (needs `sparsity=`, scope
       "layer"): a pure jittable function of the update count (1 after the
       first update) returning a fraction in [0, 1] that multiplies every
-      leaf's target, e.g. `cubic_sparsity_ramp(ramp_steps)` (Zhu and Gupta
+      leaf's target, e.g. `fq_jax._src.sparsity_ramp.cubic(T)` (Zhu and Gupta
       2017). Each mask update prunes round(fraction * round(target * size))
       weights with the same hysteresis band; leaves in sensitivity mode are
       not ramped. None: the full target from the first update.
@@ -347,7 +311,7 @@ def dns_pruning(
         scope=scope,
       )
     else:
-      new_masks = lambda: _ramped_dns_masks(
+      new_masks = lambda: ramp_lib.ramped_dns_masks(
         new_params, state.masks, sparsity, rules, sparsity_schedule(count)
       )
     masks = jax.lax.cond(count % update_every == 0, new_masks, lambda: state.masks)

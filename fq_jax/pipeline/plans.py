@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import optax
 
 import fq_jax as fq
-from fq_jax._src import transforms as transforms_lib
+from fq_jax._src import sparsity_ramp
 from fq_jax.pipeline import configuration as cfg
 from fq_jax.pipeline import losses
 from fq_jax.pipeline import steps as steps_lib
@@ -125,7 +125,7 @@ def _prune_plan(ctx: Context, masks=None) -> StagePlan:
       sparsity=c.prune.sparsity,
       rules=ctx.rules,
       update_every=c.prune.update_every,
-      sparsity_schedule=transforms_lib.cubic_sparsity_ramp(ramp) if ramp else None,
+      sparsity_schedule=sparsity_ramp.cubic(ramp) if ramp else None,
     )
     return StagePlan("prune", n, tx, fq.quantized, sched)
   # Magnitude: pruned weights are exact zeros and keep_pruned holds them there.
