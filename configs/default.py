@@ -70,6 +70,9 @@ def get_config() -> ml_collections.ConfigDict:
   _schedule(c.prune, learning_rate=config_dict.placeholder(float), lr_schedule="cosine")
   # Per-layer pruning rules "REGEX:key=value,..." with keys prune, sparsity, min_ndim.
   c.prune.rules = ()
+  # dns: sparsity rises from 0 to the target over this fraction of the stage
+  # (Zhu & Gupta 2017 cubic ramp); 0: the target from the first step.
+  c.prune.ramp_fraction = 0.0
 
   # Focused quantization with the INQ schedule.
   c.quant = ml_collections.ConfigDict()
@@ -108,6 +111,12 @@ def get_config() -> ml_collections.ConfigDict:
   # Per-layer quantization rules "REGEX:key=value,..." with keys quantize, bits,
   # w_sep, recentralize, min_ndim.
   c.quant.rules = ()
+
+  # Distillation from the model as it stood before pruning (frozen teacher) in
+  # the prune and quantize stages: (1 - w) CE + w T^2 KL(teacher || student).
+  c.distill = ml_collections.ConfigDict()
+  c.distill.weight = 0.0  # w in [0, 1]; 0: off
+  c.distill.temperature = 4.0  # T > 0
 
   c.reference_only = False  # fine-tune the float model instead of compressing (fair reference)
 

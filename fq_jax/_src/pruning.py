@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Literal, NamedTuple
 
 import jax
@@ -12,6 +12,7 @@ import optax
 
 from fq_jax._src import masks as masks_lib
 from fq_jax._src import rules as rules_lib
+from fq_jax._src import sparsity_ramp as ramp_lib
 from fq_jax._src.state_layout import _check_inner, _check_unmatched
 
 MaskTree = Any
@@ -41,6 +42,7 @@ def dns_pruning(
   update_every: int = 1,
   scope: Literal["layer", "global"] = "layer",
   unmatched: Literal["raise", "warn", "ignore"] = "raise",
+  sparsity_schedule: Callable[[jax.Array], jax.Array] | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   """Dynamic Network Surgery: prune and splice while `inner` trains.
 
@@ -63,6 +65,13 @@ def dns_pruning(
     unmatched: what `init` does when the rules select nothing ("raise"),
       and whether it warns about a rule that matches no leaf or a matched
       non-float leaf ("raise" and "warn" warn, "ignore" is silent).
+    sparsity_schedule: optional gradual ramp (needs `sparsity=`, scope
+      "layer"): a pure jittable function of the update count (1 after the
+      first update) returning a fraction in [0, 1] that multiplies every
+      leaf's target, e.g. `fq_jax._src.sparsity_ramp.cubic(T)` (Zhu and Gupta
+      2017). Each mask update prunes round(fraction * round(target * size))
+      weights with the same hysteresis band; leaves in sensitivity mode are
+      not ramped. None: the full target from the first update.
 
   Returns:
     An optax `GradientTransformationExtraArgs` (needs `params` in update).
@@ -87,6 +96,8 @@ def dns_pruning(
     raise ValueError(
       f"dns_pruning: scope must be 'layer', or 'global' with sparsity=; got {scope!r}"
     )
+  if sparsity_schedule is not None and (sparsity is None or scope != "layer"):
+    raise ValueError("dns_pruning: sparsity_schedule needs sparsity= and scope='layer'")
   rules = rules_lib.as_rules(rules, where)
   _check_unmatched(unmatched, where)
 
@@ -104,18 +115,20 @@ def dns_pruning(
     new_updates, inner_state = inner.update(updates, state.inner_state, params, **extra)
     count = state.count + 1
     new_params = optax.apply_updates(params, new_updates)
-    masks = jax.lax.cond(
-      count % update_every == 0,
-      lambda: masks_lib.dns_masks(
+    if sparsity_schedule is None:
+      new_masks = lambda: masks_lib.dns_masks(
         new_params,
         state.masks,
         sparsity=sparsity,
         sensitivity=sensitivity,
         rules=rules,
         scope=scope,
-      ),
-      lambda: state.masks,
-    )
+      )
+    else:
+      new_masks = lambda: ramp_lib.ramped_dns_masks(
+        new_params, state.masks, sparsity, rules, sparsity_schedule(count)
+      )
+    masks = jax.lax.cond(count % update_every == 0, new_masks, lambda: state.masks)
     return new_updates, PruneState(count, masks, inner_state)
 
   return optax.GradientTransformationExtraArgs(init, update)

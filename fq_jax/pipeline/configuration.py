@@ -278,6 +278,9 @@ def _validate_prune(c) -> None:
   s = p.sparsity
   _check(_is_number(s) and 0.0 <= s < 1.0, "prune.sparsity", f"must be in [0, 1), got {s}")
   _check_positive_int(p.update_every, "prune.update_every")
+  r = p.ramp_fraction
+  _check(_is_number(r) and 0.0 <= r <= 1.0, "prune.ramp_fraction", f"must be in [0, 1], got {r}")
+  _check(r == 0 or p.method == "dns", "prune.ramp_fraction", "the ramp needs prune.method=dns")
   stage_rules(c, "prune")  # raises ConfigError for a malformed rule
 
 
@@ -341,6 +344,9 @@ def validate(config) -> None:
   _validate_optimizers(c)
   _validate_prune(c)
   _validate_quant(c)
+  w = c.distill.weight
+  _check(_is_number(w) and 0.0 <= w <= 1.0, "distill.weight", f"must be in [0, 1], got {w}")
+  _check_rate(c.distill.temperature, "distill.temperature")
   _check_choice(c.encode.coder, "encode.coder", CODERS, "coder")
   _check(
     isinstance(c.checkpoint_every_steps, int) and c.checkpoint_every_steps >= 0,

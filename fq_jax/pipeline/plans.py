@@ -6,6 +6,13 @@ stage's SGD), the `forward` that maps the optimizer's float parameters to the
 ones the model sees, and its learning-rate schedule. Stage lengths come from
 the config in epochs or in steps (`configuration.length_steps`); `stage_lengths`
 reports both units.
+
+Two options soften the prune and quantize stages: distillation from the
+teacher, the model as it stood at the start of the prune stage (`distill.*`,
+`StagePlan.distill`; the runner carries the teacher's variables and
+checkpoints them, `has_teacher`), and a gradual DNS sparsity ramp over the
+first `prune.ramp_fraction` of the prune stage (`fq.dns_pruning`'s
+`sparsity_schedule`).
 """
 
 from __future__ import annotations
@@ -18,7 +25,9 @@ import jax.numpy as jnp
 import optax
 
 import fq_jax as fq
+from fq_jax._src import sparsity_ramp
 from fq_jax.pipeline import configuration as cfg
+from fq_jax.pipeline import losses
 from fq_jax.pipeline import steps as steps_lib
 from fq_jax.pipeline.context import Context
 
@@ -32,6 +41,7 @@ class StagePlan:
   tx: optax.GradientTransformation
   forward: steps_lib.Forward
   schedule: optax.Schedule
+  distill: losses.Distillation | None = None
 
 
 def learning_rate(config, section: str) -> float:
@@ -66,8 +76,42 @@ def dense_plan(ctx: Context) -> StagePlan:
   return StagePlan("dense", n, _inner(ctx, sched), steps_lib.identity_forward, sched)
 
 
+def distillation(config) -> losses.Distillation | None:
+  """The prune and quantize stages' distillation settings (None when `distill.weight` is 0)."""
+  d = config.distill
+  if not d.weight:
+    return None
+  return losses.Distillation(weight=float(d.weight), temperature=float(d.temperature))
+
+
+def has_teacher(config, stage: str, step: int) -> bool:
+  """Whether a checkpoint at (stage, step) carries the teacher's variables.
+
+  The teacher is captured when the prune stage starts (step 0), so it is in
+  every checkpoint from then to the end of the quantize stage.
+  """
+  if distillation(config) is None:
+    return False
+  return (stage == "prune" and step > 0) or stage == "quantize"
+
+
+def teacher_variables(carry) -> dict[str, Any]:
+  """The teacher captured from the carry: private copies of its params and batch stats."""
+  copy = lambda t: jax.tree.map(lambda x: x.copy() if isinstance(x, jax.Array) else x, t)
+  return {"params": copy(carry["params"]), "batch_stats": copy(carry["batch_stats"])}
+
+
+def ramp_steps(config, num_steps: int) -> int:
+  """Updates of the DNS sparsity ramp: round(prune.ramp_fraction * prune stage length)."""
+  return round(config.prune.ramp_fraction * num_steps)
+
+
 def prune_plan(ctx: Context, masks=None) -> StagePlan:
   """The prune stage; `masks` (magnitude pruning only) are the frozen masks."""
+  return dataclasses.replace(_prune_plan(ctx, masks), distill=distillation(ctx.config))
+
+
+def _prune_plan(ctx: Context, masks=None) -> StagePlan:
   c = ctx.config
   n = cfg.stage_steps(c, ctx.steps_per_epoch)["prune"]
   sched = _schedule(ctx, "prune", n)
@@ -75,8 +119,13 @@ def prune_plan(ctx: Context, masks=None) -> StagePlan:
   if not ctx.prunes:
     return StagePlan("prune", n, inner, steps_lib.identity_forward, sched)
   if c.prune.method == "dns":
+    ramp = ramp_steps(c, n)
     tx = fq.dns_pruning(
-      inner, sparsity=c.prune.sparsity, rules=ctx.rules, update_every=c.prune.update_every
+      inner,
+      sparsity=c.prune.sparsity,
+      rules=ctx.rules,
+      update_every=c.prune.update_every,
+      sparsity_schedule=sparsity_ramp.cubic(ramp) if ramp else None,
     )
     return StagePlan("prune", n, tx, fq.quantized, sched)
   # Magnitude: pruned weights are exact zeros and keep_pruned holds them there.
@@ -87,6 +136,10 @@ def prune_plan(ctx: Context, masks=None) -> StagePlan:
 
 def quant_plan(ctx: Context, masks=None) -> StagePlan:
   """The quantize stage: INQ steps of `quant.epochs_per_step`, the last `quant.final_epochs`."""
+  return dataclasses.replace(_quant_plan(ctx, masks), distill=distillation(ctx.config))
+
+
+def _quant_plan(ctx: Context, masks=None) -> StagePlan:
   c = ctx.config
   q = cfg.quant_steps(c, ctx.steps_per_epoch)
   restarts = q.boundaries() if c.quant.lr_restart else ()
@@ -134,8 +187,14 @@ def plan_for(ctx: Context, stage: str, masks=None) -> StagePlan:
 
 
 def initial_masks(ctx: Context, params):
-  """Masks at the start of the prune stage: magnitude pruning, or one DNS update from all kept."""
+  """Masks at the start of the prune stage: magnitude pruning, or one DNS update from all kept.
+
+  With a DNS sparsity ramp the stage starts at sparsity 0 (all kept): the
+  cubic ramp is 0 at step 0.
+  """
   c = ctx.config
+  n = cfg.stage_steps(c, ctx.steps_per_epoch)["prune"]
+  ramped = c.prune.method == "dns" and ramp_steps(c, n) > 0
   if c.prune.method == "magnitude":
     fn = lambda p: fq.magnitude_masks(p, c.prune.sparsity, rules=ctx.rules)
   else:
@@ -148,6 +207,8 @@ def initial_masks(ctx: Context, params):
         p,
         is_leaf=lambda x: x is None or isinstance(x, fq.LayerSpec),
       )
+      if ramped:
+        return ones
       return fq.dns_masks(p, ones, sparsity=c.prune.sparsity, rules=ctx.rules)
 
   return jax.jit(fn)(params)

@@ -77,6 +77,8 @@ def abstract_carry(ctx: Context, stage: str, step: int) -> dict[str, Any]:
   abstract_masks = lambda: jax.eval_shape(
     lambda p: fq.magnitude_masks(p, 0.5, rules=ctx.rules), variables["params"]
   )
+  if plans.has_teacher(ctx.config, stage, step):
+    out["teacher"] = {"params": variables["params"], "batch_stats": variables["batch_stats"]}
   masks = None
   if _has_masks(ctx, stage):
     masks = out["masks"] = abstract_masks()
@@ -193,6 +195,8 @@ class Runner:
       keys.append("masks")
     if _has_opt_state(self.ctx, stage, step):
       keys.append("opt_state")
+    if plans.has_teacher(self.ctx.config, stage, step):
+      keys.append("teacher")
     state = {k: self.carry[k] for k in keys}
     if self.ctx.config.async_checkpointing:
       # The next train step donates these buffers; save private copies.
@@ -216,10 +220,16 @@ class Runner:
     if plan.name == "quantize" and scales:  # integer activations, straight-through
       model = integer_lib.model_for(ctx, scales)
     step_fn = steps_lib.jit_train_step(
-      steps_lib.make_train_step(model, plan.tx, plan.forward), ctx.mesh
+      steps_lib.make_train_step(
+        model, plan.tx, plan.forward, distill=plan.distill, teacher_model=ctx.model
+      ),
+      ctx.mesh,
     )
     state = steps_lib.TrainState(
-      self.carry["params"], self.carry["batch_stats"], self.carry["opt_state"]
+      self.carry["params"],
+      self.carry["batch_stats"],
+      self.carry["opt_state"],
+      self.carry["teacher"] if plan.distill else None,
     )
     state = sharding_lib.put_replicated(state, ctx.mesh, copy=True)  # the steps donate it
     step, clock = start_step, time.perf_counter()
@@ -334,6 +344,8 @@ class Runner:
 
   def stage_prune(self, start_step: int) -> None:
     ctx, c = self.ctx, self.ctx.config
+    if start_step == 0 and plans.distillation(c) is not None:
+      self.carry["teacher"] = plans.teacher_variables(self.carry)  # the model before pruning
     if not ctx.prunes and not c.reference_only:
       dense = self.record.results["dense"]
       self.record.results["pruned"] = {
@@ -374,6 +386,7 @@ class Runner:
     self.train(plan, start_step)
     if not ctx.quantizes:
       self.carry.pop("opt_state", None)
+    self.carry.pop("teacher", None)
     self.save("evaluate", 0)
 
   def stage_evaluate(self) -> dict[str, Any]:

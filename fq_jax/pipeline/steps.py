@@ -5,7 +5,8 @@ Nothing here does I/O. A stage's train step is
     grads of  cross_entropy(model(forward(params, opt_state), x))
     updates, opt_state = tx.update(grads, opt_state, params)
 
-where `forward` maps the float parameters the optimizer owns to the ones the
+(or, with distillation, `losses.distillation_loss` against the frozen teacher's
+logits) where `forward` maps the float parameters the optimizer owns to the ones the
 model sees: the identity for dense training, `fq.quantized` under DNS pruning
 (pruned weights read as 0) and under focused quantization (straight-through
 quantized weights). Batch-norm statistics are updated in train mode from the
@@ -23,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from fq_jax.pipeline import losses
 from fq_jax.pipeline import sharding as sharding_lib
 
 Forward = Callable[[Any, Any], Any]  # (params, opt_state) -> forward params
@@ -35,11 +37,14 @@ class TrainState(NamedTuple):
     params: float parameters, updated by the optimizer.
     batch_stats: batch-norm running statistics ({} for models without).
     opt_state: the stage's optimizer state (masks and FQ state included).
+    teacher: variables ({"params", ["batch_stats"]}) of the frozen
+      distillation teacher, or None; the step returns them unchanged.
   """
 
   params: Any
   batch_stats: Any
   opt_state: Any
+  teacher: Any = None
 
 
 def identity_forward(params, opt_state):
@@ -158,12 +163,7 @@ def keep_pruned(inner: optax.GradientTransformation, masks) -> optax.GradientTra
 # ----------------------------------------------------------------------------
 
 
-def cross_entropy(logits, labels, mask=None):
-  """Mean (or mask-weighted mean) softmax cross-entropy with integer labels."""
-  losses = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
-  if mask is None:
-    return jnp.mean(losses)
-  return jnp.sum(losses * mask) / jnp.maximum(jnp.sum(mask), 1.0)
+cross_entropy = losses.cross_entropy
 
 
 def _variables(params, batch_stats):
@@ -171,7 +171,12 @@ def _variables(params, batch_stats):
 
 
 def make_train_step(
-  model: nn.Module, tx: optax.GradientTransformation, forward: Forward = identity_forward
+  model: nn.Module,
+  tx: optax.GradientTransformation,
+  forward: Forward = identity_forward,
+  *,
+  distill: losses.Distillation | None = None,
+  teacher_model: nn.Module | None = None,
 ):
   """The (unjitted) train step of one stage.
 
@@ -179,24 +184,39 @@ def make_train_step(
     model: a Flax linen module called as `model.apply(vars, x, train=True)`.
     tx: the stage's optimizer.
     forward: maps (params, opt_state) to the parameters the model sees.
+    distill: distillation settings (None or weight 0: plain cross-entropy).
+      The teacher is `state.teacher`, run by `teacher_model` (default
+      `model`) in eval mode (batch norm from its running statistics) inside
+      the same step, frozen by stop_gradient.
+    teacher_model: the teacher's module (the float network).
 
   Returns:
     `step(state: TrainState, batch) -> (TrainState, metrics)`, metrics the
     batch's mean loss and top-1 accuracy.
   """
 
+  distilling = distill is not None and distill.weight > 0
+  teacher_model = model if teacher_model is None else teacher_model
+
   def step(state: TrainState, batch):
+    teacher_logits = None
+    if distilling:
+      teacher_logits = jax.lax.stop_gradient(
+        teacher_model.apply(state.teacher, batch["image"], train=False)
+      )
+
     def loss_fn(params):
       variables = _variables(forward(params, state.opt_state), state.batch_stats)
       logits, updates = model.apply(variables, batch["image"], train=True, mutable=["batch_stats"])
-      loss = cross_entropy(logits, batch["label"])
+      loss = losses.distillation_loss(logits, teacher_logits, batch["label"], distill)
       return loss, (logits, updates.get("batch_stats", state.batch_stats))
 
     (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     accuracy = jnp.mean(jnp.argmax(logits, -1) == batch["label"])
-    return TrainState(params, batch_stats, opt_state), {"loss": loss, "accuracy": accuracy}
+    new_state = TrainState(params, batch_stats, opt_state, state.teacher)
+    return new_state, {"loss": loss, "accuracy": accuracy}
 
   return step
 
