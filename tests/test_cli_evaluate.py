@@ -73,3 +73,27 @@ def test_shipped_resnet20_npz_gives_the_imported_accuracy(capsys):
   headline = out.splitlines()[0]
   assert "cifar_resnet-20 on cifar10 test" in headline
   assert "top-1 0.8103 (8103/10000)" in headline  # 81.03%: ../shared/DATA.md
+
+
+def test_pth_state_dict_reads_like_its_npz(tmp_path):
+  """A PyTorch .pth (read weights-only) gives the same Flax variables as the .npz of its keys."""
+  import torch  # in the test extra
+
+  from fq_jax.cli import evaluate
+  from fq_jax.models import torch_import
+
+  module = models.get_model("cifar_resnet", depth=8)
+  variables = module.init(jax.random.key(1), np.zeros((1, 32, 32, 3), np.float32), train=False)
+  state = torch_import.export_torch_cifar_resnet(variables)
+  pth = tmp_path / "r8.pth"
+  torch.save({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in state.items()}, pth)
+  arrays = evaluate._load_float_arrays(str(pth))
+  _, got = evaluate.float_variables(arrays, "cifar_resnet", None, str(pth))
+  _, want = evaluate.float_variables(state, "cifar_resnet", None, "state")
+  assert jax.tree.structure(got) == jax.tree.structure(want)
+  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  bad = tmp_path / "bad.pth"
+  bad.write_bytes(b"not a torch file")
+  with pytest.raises(ValueError, match="not a readable PyTorch state dict"):
+    evaluate._load_float_arrays(str(bad))

@@ -37,7 +37,7 @@ HELP = (
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-  p.add_argument("weights", metavar="MODEL.fqz|WEIGHTS.npz")
+  p.add_argument("weights", metavar="MODEL.fqz|WEIGHTS.npz|WEIGHTS.pth")
   p.add_argument(
     "--model",
     choices=models.MODEL_NAMES,
@@ -139,9 +139,28 @@ def format_ops(ops: dict, layers: bool = False) -> str:
 
 def run(args: argparse.Namespace) -> int:
   common.check_input(args.weights)
+  if args.weights.lower().endswith(_TORCH_SUFFIXES):  # torch.save writes zip archives too
+    return _run_npz(args)
   with open(args.weights, "rb") as f:
     is_npz = f.read(2) == b"PK"  # a zip archive; an .fqz starts with its own magic
   return (_run_npz if is_npz else _run_fqz)(args)
+
+
+_TORCH_SUFFIXES = (".pth", ".pt")
+
+
+def _load_float_arrays(path: str) -> dict[str, np.ndarray]:
+  """The named arrays of an `.npz`, or of a PyTorch `.pth`/`.pt` (read weights-only)."""
+  if not path.lower().endswith(_TORCH_SUFFIXES):
+    return npz_lib.load_npz(path)
+  from fq_jax.models import torch_import
+
+  try:
+    return torch_import.load_torch_state(path)
+  except ImportError as e:
+    raise ValueError(f"reading a .pth needs torch (pip install -e '.[torch]'): {e}") from None
+  except Exception as e:  # what torch.load(weights_only=True) refuses, or a damaged file
+    raise ValueError(f"not a readable PyTorch state dict: {str(e).splitlines()[0]}") from None
 
 
 def _progress(args):
@@ -276,11 +295,17 @@ def float_variables(arrays: dict[str, np.ndarray], name: str, depth: int | None,
     raise ValueError(f"--depth applies to cifar_resnet, not {name}")
   kwargs: dict = {}
   if not any("/" in k for k in arrays):  # a PyTorch state dict
-    if name != "cifar_resnet":
+    from fq_jax.models import torch_import
+
+    if name in torch_import.TORCHVISION_ARCHS:
+      variables = torch_import.import_torchvision(arrays, name)
+    elif name == "cifar_resnet":
+      depth, variables = models.torch_state_to_flax(arrays, depth, source=source)
+    else:
       raise ValueError(
-        f"holds PyTorch-style keys ({next(iter(arrays), '')!r}, ...): read only for cifar_resnet"
+        f"holds PyTorch-style keys ({next(iter(arrays), '')!r}, ...): read only for "
+        f"cifar_resnet and {', '.join(torch_import.TORCHVISION_ARCHS)}"
       )
-    depth, variables = models.torch_state_to_flax(arrays, depth, source=source)
   else:
     stray = [k for k in arrays if k.split("/", 1)[0] not in _COLLECTIONS]
     if stray:
@@ -350,7 +375,7 @@ def _run_npz(args: argparse.Namespace) -> int:
     )
     raise common.CLIError(f"{where}: an .npz names no architecture or dataset: pass {missing}")
   try:
-    arrays = npz_lib.load_npz(where)
+    arrays = _load_float_arrays(where)
     module, variables = float_variables(arrays, args.model, args.depth, where)
     batches = integer_models.test_batches(
       args.dataset, data_dir=args.data_dir, limit=args.limit, batch_size=args.batch_size or 500
