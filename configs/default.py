@@ -62,13 +62,17 @@ def get_config() -> ml_collections.ConfigDict:
   # Pruning: DNS fine-tuning, one-shot magnitude masks + fine-tuning, or none.
   c.prune = ml_collections.ConfigDict()
   c.prune.method = "dns"  # contract: dns | magnitude | none
-  c.prune.sparsity = 0.9  # contract: per-layer target in [0, 1) (prune.rules may override)
+  c.prune.sparsity = config_dict.placeholder(float)  # contract: target in [0, 1), or
+  c.prune.sparsity = 0.9
+  c.prune.sensitivity = config_dict.placeholder(float)  # DNS's a: t = mean|W| + a*std|W|
+  c.prune.scope = "layer"  # layer: each layer at its target; global: one threshold, total exact
   c.prune.update_every = 1  # dns: updates between mask updates
   c.prune.epochs = config_dict.placeholder(float)  # contract (or prune.steps)
   c.prune.epochs = 10.0
   c.prune.steps = config_dict.placeholder(int)
   _schedule(c.prune, learning_rate=config_dict.placeholder(float), lr_schedule="cosine")
-  # Per-layer pruning rules "REGEX:key=value,..." with keys prune, sparsity, min_ndim.
+  # Per-layer pruning rules "REGEX:key=value,..." with keys prune, sparsity, sensitivity,
+  # min_ndim.
   c.prune.rules = ()
 
   # Focused quantization with the INQ schedule.

@@ -179,10 +179,27 @@ def initial_variables(ctx: Context) -> dict[str, Any]:
 def requested_sparsity(ctx: Context) -> dict[str, float]:
   """{parameter path: the sparsity the rules ask for} for every compressed parameter."""
   specs = fq.resolve(
-    abstract_variables(ctx)["params"], ctx.rules, sparsity=ctx.config.prune.sparsity
+    abstract_variables(ctx)["params"], ctx.rules, sparsity=cfg.global_sparsity(ctx.config)
   )
   leaves = jax.tree.leaves(specs, is_leaf=lambda x: x is None)
-  return {s.path: (s.sparsity if s.prune and ctx.prunes else 0.0) for s in leaves if s is not None}
+  return {
+    s.path: (s.sparsity if s.prune and ctx.prunes and s.sensitivity is None else 0.0)
+    for s in leaves
+    if s is not None
+  }
+
+
+def sparsity_report(ctx: Context, params, masks) -> dict[str, Any]:
+  """`fq.sparsity_report` of the prune stage's masks, under the run's pruning settings."""
+  p = ctx.config.prune
+  return fq.sparsity_report(
+    params,
+    masks,
+    sparsity=p.sparsity,
+    sensitivity=p.sensitivity,
+    rules=ctx.rules,
+    scope=p.scope,
+  )
 
 
 # ----------------------------------------------------------------------------

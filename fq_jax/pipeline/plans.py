@@ -76,7 +76,12 @@ def prune_plan(ctx: Context, masks=None) -> StagePlan:
     return StagePlan("prune", n, inner, steps_lib.identity_forward, sched)
   if c.prune.method == "dns":
     tx = fq.dns_pruning(
-      inner, sparsity=c.prune.sparsity, rules=ctx.rules, update_every=c.prune.update_every
+      inner,
+      sparsity=c.prune.sparsity,
+      sensitivity=c.prune.sensitivity,
+      rules=ctx.rules,
+      update_every=c.prune.update_every,
+      scope=c.prune.scope,
     )
     return StagePlan("prune", n, tx, fq.quantized, sched)
   # Magnitude: pruned weights are exact zeros and keep_pruned holds them there.
@@ -137,18 +142,26 @@ def initial_masks(ctx: Context, params):
   """Masks at the start of the prune stage: magnitude pruning, or one DNS update from all kept."""
   c = ctx.config
   if c.prune.method == "magnitude":
-    fn = lambda p: fq.magnitude_masks(p, c.prune.sparsity, rules=ctx.rules)
+    sparsity = cfg.global_sparsity(c)
+    fn = lambda p: fq.magnitude_masks(p, sparsity, rules=ctx.rules, scope=c.prune.scope)
   else:
 
     def fn(p):
-      specs = fq.resolve(p, ctx.rules, sparsity=c.prune.sparsity)
+      specs = fq.resolve(p, ctx.rules, sparsity=cfg.global_sparsity(c))
       ones = jax.tree.map(
         lambda s, w: None if s is None else jnp.ones(w.shape, bool),
         specs,
         p,
         is_leaf=lambda x: x is None or isinstance(x, fq.LayerSpec),
       )
-      return fq.dns_masks(p, ones, sparsity=c.prune.sparsity, rules=ctx.rules)
+      return fq.dns_masks(
+        p,
+        ones,
+        sparsity=c.prune.sparsity,
+        sensitivity=c.prune.sensitivity,
+        rules=ctx.rules,
+        scope=c.prune.scope,
+      )
 
   return jax.jit(fn)(params)
 

@@ -42,6 +42,7 @@ from fq_jax.pipeline.context import (
   forward_variables,
   initial_variables,
   make_context,
+  sparsity_report,
   to_host,
 )
 
@@ -346,7 +347,7 @@ class Runner:
     if start_step == 0:
       plan = self._start_prune(plan)
     self.train(plan, start_step)
-    sparsity = 0.0
+    sparsity, report = 0.0, {}
     if ctx.prunes:
       if plan.num_steps == 0 and c.prune.method == "dns":
         masks = plans.initial_masks(ctx, self.carry["params"])  # one DNS update from all kept
@@ -355,8 +356,10 @@ class Runner:
       self.carry["params"] = fq.apply_masks(self.carry["params"], masks)
       self.carry["masks"] = masks
       sparsity = fq.sparsity_of(masks)
+      # Requested against reached, per layer and in total ({"layers": [...], "total": {...}}).
+      report = sparsity_report(ctx, to_host(self.carry["params"]), to_host(masks))
     result = evaluate(ctx, forward_variables(ctx, {**self.carry, "opt_state": None}))
-    self.record.results["pruned"] = {**accuracy_fields(result), "sparsity": sparsity}
+    self.record.results["pruned"] = {**accuracy_fields(result), "sparsity": sparsity, **report}
     self._eval_row("prune", plan.num_steps, result, sparsity=sparsity)
     ctx.log(f"prune: sparsity {sparsity:.4f}, test accuracy {result['accuracy']:.4f}")
     self.carry.pop("opt_state", None)
