@@ -240,6 +240,23 @@ def test_global_scope_prunes_one_threshold(tmp_path):
   assert len({round(r["reached"], 3) for r in report["layers"]}) > 1  # per-layer differ
 
 
+def test_sources_come_from_the_dataset_registry(tmp_path):
+  from fq_jax import data as data_lib
+  from fq_jax.pipeline import input_pipeline
+
+  assert cfg.DATASET_NAMES == tuple(data_lib.DATASETS)
+  config = digits.get_config()
+  source = input_pipeline.make_source(config)
+  info = data_lib.get_dataset("digits")
+  assert (source.image_shape, source.num_classes) == (info.input_shape, info.num_classes)
+  batch = next(source.train_epoch(0))
+  assert batch["image"].dtype == np.float32 and batch["image"].shape[1:] == info.input_shape
+  config.dataset.name = "cifar10"
+  config.dataset.data_dir = str(tmp_path / "missing")
+  with pytest.raises(ConfigError, match="^dataset.data_dir: CIFAR-10 archive not found"):
+    input_pipeline.make_source(config)
+
+
 def test_quant_steps_follow_the_paper_ratio():
   config = digits.get_config()
   config.quant.epochs_per_step = 3.0

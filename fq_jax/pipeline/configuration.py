@@ -31,13 +31,13 @@ from typing import Any
 import jax
 
 import fq_jax as fq
+from fq_jax import data as data_lib
 from fq_jax import models as models_lib
 from fq_jax._src import rule_syntax
 from fq_jax._src.quantizers import MAX_BITS, MIN_BITS
 
 MODEL_NAMES = models_lib.MODEL_NAMES
-# TODO(data registry): replace with fq_jax.data.DATASETS once it lands.
-DATASET_NAMES = ("digits", "cifar10", "imagenet2012")
+DATASET_NAMES = tuple(data_lib.DATASETS)  # the one registry: fq_jax.data.DATASETS
 PRUNE_METHODS = ("dns", "magnitude", "none")
 LR_SCHEDULES = ("cosine", "step", "constant")
 CODERS = ("ans", "huffman")

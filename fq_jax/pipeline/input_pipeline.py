@@ -9,7 +9,6 @@ batch has the same shape (one compilation) and every example counts once.
 from __future__ import annotations
 
 import dataclasses
-import os
 from collections.abc import Iterator
 
 import jax
@@ -156,30 +155,31 @@ class ImageNetSource(DataSource):
 
 
 def make_source(config) -> DataSource:
-  """The config's dataset (`dataset.name`): digits, cifar10 or imagenet2012."""
+  """The config's dataset (`dataset.name`, a name of `fq_jax.data.DATASETS`).
+
+  In-memory datasets (`DatasetInfo.load`) are loaded from `dataset.data_dir`
+  ("" = the dataset's default) and augmented with the registry's augmentation
+  when `dataset.augment` is set; streamed ones (ImageNet) go through tfds.
+  """
   name = config.dataset.name
-  kw = dict(
+  try:
+    info = data_lib.get_dataset(name)
+  except ValueError as e:
+    raise ConfigError("dataset.name", str(e)) from None
+  if info.load is None:
+    return ImageNetSource(config, num_classes=info.num_classes)
+  try:
+    dataset = info.load(config.dataset.data_dir or None)
+  except FileNotFoundError as e:
+    raise ConfigError("dataset.data_dir", str(e)) from None
+  augment = info.augment if config.dataset.augment else None
+  return InMemorySource(
+    name,
+    dataset,
+    augment=augment,
     batch_size=config.batch_size,
     eval_batch_size=config.eval_batch_size,
     seed=config.seed,
     steps_per_epoch_cap=config.steps_per_epoch,
     eval_steps_cap=config.eval_steps,
   )
-  if name == "digits":
-    return InMemorySource(name, data_lib.load_digits(), **kw)
-  if name == "cifar10":
-    # dataset.data_dir: a folder holding cifar10-jpeg.tar.gz (default ../shared/data).
-    path = (
-      os.path.join(config.dataset.data_dir, "cifar10-jpeg.tar.gz")
-      if config.dataset.data_dir
-      else None
-    )
-    try:
-      ds = data_lib.load_cifar10(path)
-    except FileNotFoundError as e:
-      raise ConfigError("dataset.data_dir", str(e)) from None
-    augment = data_lib.cifar10_augment if config.dataset.augment else None
-    return InMemorySource(name, ds, augment=augment, **kw)
-  if name == "imagenet2012":
-    return ImageNetSource(config)
-  raise ConfigError("dataset.name", f"unknown dataset {name!r}")
