@@ -479,6 +479,24 @@ def test_init_from_flat_npz(tmp_path):
     train_lib.make_context(config, str(tmp_path))
 
 
+def test_init_from_pytorch_weights_needs_an_importer(tmp_path):
+  config = digits.get_config()
+  for name in ("weights.pth", "weights.npz"):
+    path = tmp_path / name
+    if name.endswith(".npz"):
+      np.savez(path, **{"conv1.weight": np.zeros((2, 1, 3, 3), np.float32)})
+    else:
+      path.write_bytes(b"")
+    config.init_from = str(path)
+    with pytest.raises(ConfigError, match="^init_from: .* digits_cnn imports none") as info:
+      train_lib.make_context(config, str(tmp_path))
+    assert "\n" not in str(info.value)
+  config.init_from = str(tmp_path / "weights.pkl")
+  (tmp_path / "weights.pkl").write_bytes(b"")
+  with pytest.raises(ConfigError, match="^init_from: expected a .npz .* or a torchvision .pth"):
+    cfg.validate(config)
+
+
 # ----------------------------------------------------------------------------
 # Stage lengths in steps or epochs
 # ----------------------------------------------------------------------------

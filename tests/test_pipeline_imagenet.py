@@ -2,20 +2,45 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 from pathlib import Path
 
+import jax
+import jax.numpy as jnp
+import numpy as np
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from configs import imagenet_mobilenet_v2, imagenet_resnet18  # noqa: E402
+from fq_jax.models import get_model, torch_import  # noqa: E402
+from fq_jax.pipeline import ConfigError, train_lib  # noqa: E402
 from fq_jax.pipeline import configuration as cfg  # noqa: E402
-from fq_jax.pipeline import train_lib  # noqa: E402
 
 tfds = pytest.importorskip("tensorflow_datasets")
+
+
+@contextlib.contextmanager
+def _mock_imagenet(num_examples: int = 16):
+  """`tfds.testing.mock_data` for ImageNet, read through `tfds.data_source`.
+
+  The mock cannot skip image decoding without TensorFlow, so the grain loader gets
+  decoded uint8 images (which it accepts as well as JPEG bytes) instead of JPEG bytes.
+  """
+  real = tfds.data_source
+
+  def data_source(*args, decoders=None, **kwargs):
+    return real(*args, **kwargs)
+
+  with tfds.testing.mock_data(num_examples=num_examples, policy=tfds.testing.MockPolicy.USE_CODE):
+    tfds.data_source = data_source
+    try:
+      yield
+    finally:
+      tfds.data_source = real
 
 
 def _tiny(config):
@@ -89,3 +114,33 @@ def test_mobilenet_rules_leave_depthwise_unpruned():
   pw = [s for p, s in specs.items() if "project_conv" in p]
   assert dw and all(not s.prune and s.quantize and s.bits == 7 for s in dw)
   assert pw and all(s.prune and s.sparsity == pytest.approx(0.3174) for s in pw)
+
+
+def test_init_from_torchvision_keys(tmp_path):
+  """A torchvision-keyed .npz (and .pth) loads to the variables it was exported from."""
+  model = get_model("resnet18", num_classes=1000)
+  variables = jax.jit(lambda: model.init(jax.random.key(1), jnp.zeros((1, 32, 32, 3))))()
+  variables = jax.tree.map(np.asarray, dict(variables))
+  state = torch_import.flax_to_torchvision(variables, "resnet18")
+  np.savez(tmp_path / "r18.npz", **state)
+  paths = [tmp_path / "r18.npz"]
+  try:
+    import torch
+
+    torch.save({k: torch.from_numpy(v.copy()) for k, v in state.items()}, tmp_path / "r18.pth")
+    paths.append(tmp_path / "r18.pth")
+  except ImportError:  # torch is optional: the .npz of torch keys needs none
+    pass
+  config = _tiny(imagenet_resnet18.get_config())
+  with _mock_imagenet():
+    for path in paths:
+      config.init_from = str(path)
+      ctx = train_lib.make_context(config, str(tmp_path / "work"))
+      loaded = train_lib.initial_variables(ctx)
+      assert jax.tree.structure(loaded) == jax.tree.structure(variables)
+      assert jax.tree.all(jax.tree.map(np.array_equal, loaded, variables)), path
+    config = _tiny(imagenet_mobilenet_v2.get_config())
+    config.init_from = str(tmp_path / "r18.npz")  # ResNet-18 weights for a MobileNet
+    with pytest.raises(ConfigError, match="^init_from: ") as info:
+      train_lib.make_context(config, str(tmp_path / "work"))
+    assert "\n" not in str(info.value) and "r18.npz" in str(info.value)

@@ -230,9 +230,10 @@ def _validate_model_and_data(c) -> None:
   if c.init_from:
     _check(os.path.isfile(c.init_from), "init_from", f"file not found: {c.init_from}")
     _check(
-      c.init_from.endswith(".npz"),
+      c.init_from.endswith((".npz", ".pth", ".pt")),
       "init_from",
-      f"expected a .npz file (PyTorch CIFAR ResNet or flat Flax variables), got {c.init_from}",
+      "expected a .npz (flat Flax variables, or PyTorch keys) or a torchvision .pth/.pt, "
+      f"got {c.init_from}",
     )
   for key in ("batch_size", "eval_batch_size"):
     _check_positive_int(c[key], key)

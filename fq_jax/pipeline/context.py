@@ -17,6 +17,7 @@ import numpy as np
 
 import fq_jax as fq
 from fq_jax import models as models_lib
+from fq_jax.models import torch_import
 from fq_jax.pipeline import configuration as cfg
 from fq_jax.pipeline import input_pipeline
 from fq_jax.pipeline import sharding as sharding_lib
@@ -81,16 +82,25 @@ class Context:
 
 
 def _load_init(config, model_name: str) -> tuple[int | None, dict[str, Any] | None]:
-  """Reads `init_from`: (cifar depth or None, variables as numpy trees)."""
+  """Reads `init_from`: (cifar depth or None, variables as numpy trees).
+
+  Accepted: a flat Flax `.npz` ("params/conv1/kernel", ...) for any model; a
+  PyTorch CIFAR ResNet state dict as `.npz` for cifar_resnet; a torchvision
+  state dict (`.pth`/`.pt`, or its `.npz` of torch keys) for the torchvision
+  architectures (`torch_import.TORCHVISION_ARCHS`).
+  """
   path = config.init_from
   if not path:
     return config.model.depth, None
+  if not path.endswith(".npz"):  # .pth / .pt: a torchvision state dict
+    _check_torchvision(model_name, path)
+    return config.model.depth, _import_torchvision(path, model_name)
   try:
     with np.load(path) as data:
       arrays = {k: data[k] for k in data.files}
   except (OSError, ValueError) as e:
     raise ConfigError("init_from", f"cannot read {path}: {e}") from None
-  if any("/" in k for k in arrays):
+  if not torch_import.is_torch_state(arrays):
     variables: dict[str, Any] = {}
     for key, value in arrays.items():
       node = variables
@@ -99,10 +109,10 @@ def _load_init(config, model_name: str) -> tuple[int | None, dict[str, Any] | No
         node = node.setdefault(p, {})
       node[leaf] = value
     return config.model.depth, variables
+  if model_name in torch_import.TORCHVISION_ARCHS:
+    return config.model.depth, _import_torchvision(arrays, model_name, path)
   if model_name != "cifar_resnet":
-    raise ConfigError(
-      "init_from", f"{path} is a PyTorch state dict; only cifar_resnet imports those"
-    )
+    _check_torchvision(model_name, path)  # raises: no importer for this model
   try:
     depth, variables = models_lib.import_torch_cifar_resnet(path)
   except ValueError as e:
@@ -110,6 +120,27 @@ def _load_init(config, model_name: str) -> tuple[int | None, dict[str, Any] | No
   if config.model.depth is not None and config.model.depth != depth:
     raise ConfigError("model.depth", f"{config.model.depth}, but {path} holds a ResNet-{depth}")
   return depth, variables
+
+
+def _check_torchvision(model_name: str, path: str) -> None:
+  if model_name not in torch_import.TORCHVISION_ARCHS:
+    raise ConfigError(
+      "init_from",
+      f"{path} is a PyTorch state dict; {model_name} imports none (PyTorch weights are "
+      f"imported for cifar_resnet (.npz) and {', '.join(torch_import.TORCHVISION_ARCHS)})",
+    )
+
+
+def _import_torchvision(source, model_name: str, path: str | None = None) -> dict[str, Any]:
+  """torchvision weights (a file, or its already read torch keys) as Flax variables."""
+  path = source if path is None else path
+  try:
+    if isinstance(source, str):
+      source = torch_import.load_torch_state(source)
+    return torch_import.torchvision_to_flax(source, model_name, source=path)
+  except (ImportError, ValueError, OSError, RuntimeError) as e:
+    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    raise ConfigError("init_from", first if path in first else f"{path}: {first}") from None
 
 
 def _check_structure(variables, abstract, path: str) -> None:
