@@ -37,7 +37,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.dataset.resize_size = 256  # imagenet only: eval resize of the shorter side
   c.dataset.train_split = "train"  # imagenet only
   c.dataset.eval_split = "validation"  # imagenet only
-  c.dataset.num_threads = 0  # imagenet only: preprocessing threads
+  c.dataset.num_workers = 0  # imagenet only: grain decoding processes (0: in this process)
 
   c.init_from = ""  # contract: .npz to start from ("" = random init from seed)
   c.seed = 0  # contract: init, data order, augmentation and FQ sampling

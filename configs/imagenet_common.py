@@ -20,7 +20,7 @@ def imagenet_config(model: str, *, sparsity: float, bits: int):
   c.dataset.name = "imagenet2012"
   c.dataset.image_size = 224
   c.dataset.resize_size = 256
-  c.dataset.num_threads = 16
+  c.dataset.num_workers = 16
   c.batch_size = 256
   c.eval_batch_size = 256
 

@@ -257,6 +257,20 @@ def test_sources_come_from_the_dataset_registry(tmp_path):
     input_pipeline.make_source(config)
 
 
+def test_uint8_batches_are_normalized_inside_the_step():
+  """uint8 images are normalized in the jitted step as the host pipeline did; floats pass."""
+  from fq_jax.data import imagenet as imagenet_data
+  from fq_jax.pipeline import input_pipeline
+
+  images = np.random.default_rng(0).integers(0, 256, (2, 5, 5, 3), dtype=np.uint8)
+  step = jax.jit(input_pipeline.normalizing(lambda x, batch: batch["image"] * x))
+  got = step(1.0, {"image": images, "label": np.zeros(2, np.int32)})
+  want = np.stack([imagenet_data._normalize(im) for im in images])
+  np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-6)
+  floats = np.random.default_rng(1).normal(size=(2, 5, 5, 3)).astype(np.float32)
+  np.testing.assert_array_equal(np.asarray(step(1.0, {"image": floats})), floats)
+
+
 def test_quant_steps_follow_the_paper_ratio():
   config = digits.get_config()
   config.quant.epochs_per_step = 3.0

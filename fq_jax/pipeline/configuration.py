@@ -69,7 +69,7 @@ VOLATILE_KEYS = (
   "max_checkpoints",
   "async_checkpointing",
   "jax_cache_dir",
-  "dataset.num_threads",
+  "dataset.num_workers",  # the batches do not depend on it
 )
 
 # Which Rule fields each stage's rule list may set.
@@ -235,6 +235,9 @@ def _validate_model_and_data(c) -> None:
       "expected a .npz (flat Flax variables, or PyTorch keys) or a torchvision .pth/.pt, "
       f"got {c.init_from}",
     )
+  w = c.dataset.num_workers
+  ok = isinstance(w, int) and not isinstance(w, bool) and w >= 0
+  _check(ok, "dataset.num_workers", f"must be an integer >= 0 (0: in this process), got {w}")
   for key in ("batch_size", "eval_batch_size"):
     _check_positive_int(c[key], key)
   for key in ("steps_per_epoch", "eval_steps"):

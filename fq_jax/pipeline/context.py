@@ -253,20 +253,19 @@ def forward_variables(ctx: Context, carry: dict[str, Any]) -> dict[str, Any]:
 
 def evaluate(ctx: Context, variables: dict[str, Any], model=None) -> dict[str, float]:
   """Test-split loss, top-1 (and top-5) accuracy of `variables` (with `model`, default ctx.model)."""
+
+  def jitted(m):
+    step = steps_lib.make_eval_step(m, ctx.top5)
+    return steps_lib.jit_eval_step(input_pipeline.normalizing(step), ctx.mesh)
+
   if ctx._eval_step is None:
-    ctx._eval_step = steps_lib.jit_eval_step(
-      steps_lib.make_eval_step(ctx.model, ctx.top5), ctx.mesh
-    )
-  eval_step = (
-    ctx._eval_step
-    if model is None
-    else steps_lib.jit_eval_step(steps_lib.make_eval_step(model, ctx.top5), ctx.mesh)
-  )
+    ctx._eval_step = jitted(ctx.model)
+  eval_step = ctx._eval_step if model is None else jitted(model)
   variables = sharding_lib.put_replicated(variables, ctx.mesh)
   bs = sharding_lib.batch_sharding(ctx.mesh)
   sums = None
-  for batch in ctx.source.eval_batches():
-    out = eval_step(variables, sharding_lib.put_batch(batch, bs))
+  for batch in ctx.source.to_device(ctx.source.eval_batches(), bs):
+    out = eval_step(variables, batch)
     sums = out if sums is None else jax.tree.map(jnp.add, sums, out)
   sums = {k: float(steps_lib.host_value(v)) for k, v in sums.items()}
   n = max(sums["count"], 1.0)

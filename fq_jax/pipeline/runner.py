@@ -28,9 +28,9 @@ import fq_jax as fq
 from fq_jax.pipeline import artifact as artifact_lib
 from fq_jax.pipeline import checkpoint as checkpoint_lib
 from fq_jax.pipeline import configuration as cfg
+from fq_jax.pipeline import input_pipeline, plans
 from fq_jax.pipeline import integer as integer_lib
 from fq_jax.pipeline import metrics as metrics_lib
-from fq_jax.pipeline import plans
 from fq_jax.pipeline import sharding as sharding_lib
 from fq_jax.pipeline import steps as steps_lib
 from fq_jax.pipeline.configuration import ConfigError
@@ -217,7 +217,8 @@ class Runner:
     if plan.name == "quantize" and scales:  # integer activations, straight-through
       model = integer_lib.model_for(ctx, scales)
     step_fn = steps_lib.jit_train_step(
-      steps_lib.make_train_step(model, plan.tx, plan.forward), ctx.mesh
+      input_pipeline.normalizing(steps_lib.make_train_step(model, plan.tx, plan.forward)),
+      ctx.mesh,
     )
     state = steps_lib.TrainState(
       self.carry["params"], self.carry["batch_stats"], self.carry["opt_state"]
@@ -243,10 +244,11 @@ class Runner:
     )
     bs = sharding_lib.batch_sharding(ctx.mesh)
     sums, n = None, 0
-    for batch in ctx.source.train_epoch(EPOCH_OFFSET[plan.name] + epoch, start_step=offset):
+    batches = ctx.source.train_epoch(EPOCH_OFFSET[plan.name] + epoch, start_step=offset)
+    for batch in ctx.source.to_device(batches, bs):
       if offset >= todo:
         break
-      state, m = step_fn(state, sharding_lib.put_batch(batch, bs))
+      state, m = step_fn(state, batch)
       sums = m if sums is None else jax.tree.map(jnp.add, sums, m)
       step, offset, n = step + 1, offset + 1, n + 1
       bar.update()
