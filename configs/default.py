@@ -37,7 +37,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.dataset.resize_size = 256  # imagenet only: eval resize of the shorter side
   c.dataset.train_split = "train"  # imagenet only
   c.dataset.eval_split = "validation"  # imagenet only
-  c.dataset.num_threads = 0  # imagenet only: preprocessing threads
+  c.dataset.num_workers = 0  # imagenet only: grain decoding processes (0: in this process)
 
   c.init_from = ""  # contract: .npz to start from ("" = random init from seed)
   c.seed = 0  # contract: init, data order, augmentation and FQ sampling
@@ -62,13 +62,17 @@ def get_config() -> ml_collections.ConfigDict:
   # Pruning: DNS fine-tuning, one-shot magnitude masks + fine-tuning, or none.
   c.prune = ml_collections.ConfigDict()
   c.prune.method = "dns"  # contract: dns | magnitude | none
-  c.prune.sparsity = 0.9  # contract: per-layer target in [0, 1) (prune.rules may override)
+  c.prune.sparsity = config_dict.placeholder(float)  # contract: target in [0, 1), or
+  c.prune.sparsity = 0.9
+  c.prune.sensitivity = config_dict.placeholder(float)  # DNS's a: t = mean|W| + a*std|W|
+  c.prune.scope = "layer"  # layer: each layer at its target; global: one threshold, total exact
   c.prune.update_every = 1  # dns: updates between mask updates
   c.prune.epochs = config_dict.placeholder(float)  # contract (or prune.steps)
   c.prune.epochs = 10.0
   c.prune.steps = config_dict.placeholder(int)
   _schedule(c.prune, learning_rate=config_dict.placeholder(float), lr_schedule="cosine")
-  # Per-layer pruning rules "REGEX:key=value,..." with keys prune, sparsity, min_ndim.
+  # Per-layer pruning rules "REGEX:key=value,..." with keys prune, sparsity, sensitivity,
+  # min_ndim.
   c.prune.rules = ()
   # dns: sparsity rises from 0 to the target over this fraction of the stage
   # (Zhu & Gupta 2017 cubic ramp); 0: the target from the first step.

@@ -5,8 +5,9 @@ epochs per step at learning rate 1e-3 and 10 epochs for the final step, with
 decay every 3 epochs (factor OPEN: 0.5 here; each INQ step restarts at 1e-3).
 The data must be prepared for `tfds.data_source` (array_record) in
 dataset.data_dir. No pretrained ImageNet weights ship with the project: pass
-a flat Flax `.npz` as init_from (keys "params/..." and "batch_stats/...") and
-dense.epochs=0, or train from scratch with the dense stage.
+torchvision's `.pth` (ResNet-18/50, MobileNet-V2), a flat Flax `.npz` (keys
+"params/..." and "batch_stats/...") as init_from with dense.epochs=0, or
+train from scratch with the dense stage (docs/imagenet.md).
 """
 
 from configs import default
@@ -19,7 +20,7 @@ def imagenet_config(model: str, *, sparsity: float, bits: int):
   c.dataset.name = "imagenet2012"
   c.dataset.image_size = 224
   c.dataset.resize_size = 256
-  c.dataset.num_threads = 16
+  c.dataset.num_workers = 16
   c.batch_size = 256
   c.eval_batch_size = 256
 

@@ -17,6 +17,7 @@ import fq_jax as fq
 from fq_jax.codec.metadata import ModelMetadata
 from fq_jax.pipeline import ConfigError, train_lib
 from fq_jax.pipeline import configuration as cfg
+from fq_jax.pipeline import context as context_lib
 from fq_jax.pipeline import steps as steps_lib
 
 REPO = Path(__file__).resolve().parents[1]
@@ -96,6 +97,11 @@ def test_contract_keys_exist():
   [
     ("prune.sparsity", 1.0, "prune.sparsity"),
     ("prune.sparsity", -0.1, "prune.sparsity"),
+    ("prune.sparsity", None, "prune.sparsity and prune.sensitivity"),  # neither
+    ("prune.sensitivity", 1.0, "prune.sparsity and prune.sensitivity"),  # both
+    ("prune.scope", "network", "prune.scope"),
+    ("prune.rules", ("conv1:sensitivity=1.0,sparsity=0.5",), "prune.rules"),
+    ("quant.rules", ("conv1:sensitivity=1.0",), "quant.rules"),
     ("quant.bits", 1, "quant.bits"),
     ("quant.bits", 9, "quant.bits"),
     ("prune.method", "random", "prune.method"),
@@ -162,6 +168,107 @@ def test_prune_and_quant_rules_each_set_their_own_stage():
   assert (a.prune, a.sparsity, a.quantize, a.bits) == (True, 0.3, True, 7)
   assert (b.prune, b.sparsity, b.quantize) == (True, 0.8, False)
   assert (c.prune, c.sparsity, c.quantize, c.bits) == (False, 0.0, True, 5)
+
+
+def test_prune_sensitivity_and_scope_are_checked():
+  config = digits.get_config()
+  config.prune.sparsity = None
+  config.prune.sensitivity = float("nan")
+  with pytest.raises(ConfigError, match="^prune.sensitivity: must be a finite number"):
+    cfg.validate(config)
+  config.prune.sensitivity = 0.5
+  config.prune.rules = ("conv1/kernel$:sensitivity=1.5", "conv2/kernel$:sparsity=0.3")
+  cfg.validate(config)  # prune.rules may set sensitivity
+  config.prune.scope = "global"  # one threshold needs a global target
+  with pytest.raises(ConfigError, match="^prune.scope: 'global' needs prune.sparsity"):
+    cfg.validate(config)
+
+
+def test_compression_rules_carry_the_sensitivity():
+  """A rule's sensitivity, or the global one, reaches the exact per-leaf rules."""
+  params = {k: {"kernel": jnp.zeros((3, 3))} for k in "abc"}
+  config = digits.get_config()
+  config.prune.sparsity, config.prune.sensitivity = None, 0.5
+  config.prune.rules = ("a/kernel$:sensitivity=1.5", "b/kernel$:sparsity=0.3")
+  rules = cfg.compression_rules(config, params)
+  specs = fq.resolve(params, rules)
+  a, b, c = (specs[k]["kernel"] for k in "abc")
+  assert (a.sensitivity, b.sensitivity, b.sparsity, c.sensitivity) == (1.5, None, 0.3, 0.5)
+
+
+def _digits_context(tmp_path, **prune):
+  config = digits.get_config()
+  config.prune.rules = ()
+  for key, value in prune.items():
+    config.prune[key] = value
+  ctx = train_lib.make_context(config, str(tmp_path))
+  return ctx, train_lib.initial_variables(ctx)["params"]
+
+
+def test_initial_dns_masks_follow_the_sensitivity(tmp_path):
+  """From all kept, DNS prunes |w| < 0.9 t with t = mean|w| + a std|w| (Guo et al.)."""
+  from fq_jax.pipeline import plans
+
+  ctx, params = _digits_context(tmp_path, sparsity=None, sensitivity=0.8)
+  masks = plans.initial_masks(ctx, params)
+  for name in ("conv1", "conv2", "fc1", "head"):
+    w = np.abs(np.asarray(params[name]["kernel"], np.float64))
+    t = w.mean() + 0.8 * w.std()
+    np.testing.assert_array_equal(np.asarray(masks[name]["kernel"]), w >= 0.9 * t)
+  report = context_lib.sparsity_report(ctx, params, masks)
+  assert {r["mode"] for r in report["layers"]} == {"sensitivity"}
+  assert report["total"]["requested"] is None
+
+
+def test_global_scope_prunes_one_threshold(tmp_path):
+  """Magnitude pruning with scope global: one magnitude threshold over all layers."""
+  from fq_jax.pipeline import plans
+
+  ctx, params = _digits_context(tmp_path, method="magnitude", sparsity=0.7, scope="global")
+  masks = plans.initial_masks(ctx, params)
+  names = ("conv1", "conv2", "fc1", "head")
+  pooled = np.concatenate([np.abs(np.asarray(params[n]["kernel"])).ravel() for n in names])
+  t = np.sort(pooled)[round(0.7 * pooled.size)]  # the smallest kept magnitude
+  for n in names:
+    np.testing.assert_array_equal(
+      np.asarray(masks[n]["kernel"]), np.abs(np.asarray(params[n]["kernel"])) >= t
+    )
+  report = context_lib.sparsity_report(ctx, params, masks)
+  assert report["total"]["reached"] == pytest.approx(0.7, abs=1e-4)
+  assert report["total"]["requested"] == pytest.approx(0.7)
+  assert {r["mode"] for r in report["layers"]} == {"global"}
+  assert len({round(r["reached"], 3) for r in report["layers"]}) > 1  # per-layer differ
+
+
+def test_sources_come_from_the_dataset_registry(tmp_path):
+  from fq_jax import data as data_lib
+  from fq_jax.pipeline import input_pipeline
+
+  assert cfg.DATASET_NAMES == tuple(data_lib.DATASETS)
+  config = digits.get_config()
+  source = input_pipeline.make_source(config)
+  info = data_lib.get_dataset("digits")
+  assert (source.image_shape, source.num_classes) == (info.input_shape, info.num_classes)
+  batch = next(source.train_epoch(0))
+  assert batch["image"].dtype == np.float32 and batch["image"].shape[1:] == info.input_shape
+  config.dataset.name = "cifar10"
+  config.dataset.data_dir = str(tmp_path / "missing")
+  with pytest.raises(ConfigError, match="^dataset.data_dir: CIFAR-10 archive not found"):
+    input_pipeline.make_source(config)
+
+
+def test_uint8_batches_are_normalized_inside_the_step():
+  """uint8 images are normalized in the jitted step as the host pipeline did; floats pass."""
+  from fq_jax.data import imagenet as imagenet_data
+  from fq_jax.pipeline import input_pipeline
+
+  images = np.random.default_rng(0).integers(0, 256, (2, 5, 5, 3), dtype=np.uint8)
+  step = jax.jit(input_pipeline.normalizing(lambda x, batch: batch["image"] * x))
+  got = step(1.0, {"image": images, "label": np.zeros(2, np.int32)})
+  want = np.stack([imagenet_data._normalize(im) for im in images])
+  np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-6)
+  floats = np.random.default_rng(1).normal(size=(2, 5, 5, 3)).astype(np.float32)
+  np.testing.assert_array_equal(np.asarray(step(1.0, {"image": floats})), floats)
 
 
 def test_quant_steps_follow_the_paper_ratio():
@@ -315,6 +422,11 @@ def test_magnitude_pruning_and_post_training_quantization(tmp_path):
     assert r["requested_sparsity"] == 0.8
     assert r["sparsity"] == pytest.approx(1 - r["kept"] / r["size"])
     assert r["sparsity"] == pytest.approx(0.8, abs=0.01)
+  # fq.sparsity_report under "pruned": requested against reached, per layer and in total.
+  reached = {r["path"]: r["reached"] for r in p["layers"]}
+  assert reached == {r["path"]: pytest.approx(r["sparsity"]) for r in on_disk["layers"]}
+  assert {r["requested"] for r in p["layers"]} == {0.8} and p["total"]["requested"] == 0.8
+  assert p["total"]["reached"] == pytest.approx(p["sparsity"])
   assert set(on_disk["seconds"]) >= {"dense", "prune", "quantize", "evaluate", "encode"}
   stages, spe = on_disk["stages"], on_disk["stages"]["steps_per_epoch"]
   assert stages["dense"] == {"steps": 2 * spe, "epochs": 2.0}  # given in epochs, shown in both
@@ -379,6 +491,24 @@ def test_init_from_flat_npz(tmp_path):
   checkpoint.save_variables_npz(path, other)
   with pytest.raises(ConfigError, match="^init_from: .* does not match"):
     train_lib.make_context(config, str(tmp_path))
+
+
+def test_init_from_pytorch_weights_needs_an_importer(tmp_path):
+  config = digits.get_config()
+  for name in ("weights.pth", "weights.npz"):
+    path = tmp_path / name
+    if name.endswith(".npz"):
+      np.savez(path, **{"conv1.weight": np.zeros((2, 1, 3, 3), np.float32)})
+    else:
+      path.write_bytes(b"")
+    config.init_from = str(path)
+    with pytest.raises(ConfigError, match="^init_from: .* digits_cnn imports none") as info:
+      train_lib.make_context(config, str(tmp_path))
+    assert "\n" not in str(info.value)
+  config.init_from = str(tmp_path / "weights.pkl")
+  (tmp_path / "weights.pkl").write_bytes(b"")
+  with pytest.raises(ConfigError, match="^init_from: expected a .npz .* or a torchvision .pth"):
+    cfg.validate(config)
 
 
 # ----------------------------------------------------------------------------

@@ -9,7 +9,7 @@ traceback.
 Compression rules live with the stage whose settings they change (the syntax
 is `fq_jax._src.rule_syntax`'s `REGEX:key=value,...`):
 
-* `prune.rules` may set `prune`, `sparsity` and `min_ndim`;
+* `prune.rules` may set `prune`, `sparsity`, `sensitivity` and `min_ndim`;
 * `quant.rules` may set `quantize`, `bits`, `w_sep`, `recentralize` and `min_ndim`.
 
 A rule with a key of the other stage is an error naming the right list. For
@@ -31,13 +31,13 @@ from typing import Any
 import jax
 
 import fq_jax as fq
+from fq_jax import data as data_lib
 from fq_jax import models as models_lib
 from fq_jax._src import rule_syntax
 from fq_jax._src.quantizers import MAX_BITS, MIN_BITS
 
 MODEL_NAMES = models_lib.MODEL_NAMES
-# TODO(data registry): replace with fq_jax.data.DATASETS once it lands.
-DATASET_NAMES = ("digits", "cifar10", "imagenet2012")
+DATASET_NAMES = tuple(data_lib.DATASETS)  # the one registry: fq_jax.data.DATASETS
 PRUNE_METHODS = ("dns", "magnitude", "none")
 LR_SCHEDULES = ("cosine", "step", "constant")
 CODERS = ("ans", "huffman")
@@ -69,11 +69,12 @@ VOLATILE_KEYS = (
   "max_checkpoints",
   "async_checkpointing",
   "jax_cache_dir",
-  "dataset.num_threads",
+  "dataset.num_workers",  # the batches do not depend on it
 )
 
 # Which Rule fields each stage's rule list may set.
-PRUNE_RULE_KEYS = ("prune", "sparsity", "min_ndim")
+PRUNE_RULE_KEYS = ("prune", "sparsity", "sensitivity", "min_ndim")
+PRUNE_SCOPES = ("layer", "global")
 QUANT_RULE_KEYS = ("quantize", "bits", "w_sep", "recentralize", "min_ndim")
 
 
@@ -136,11 +137,15 @@ def compression_rules(config, params) -> tuple[fq.Rule, ...]:
     settings come from the first matching prune rule and whose quantization
     settings come from the first matching quant rule (each list followed by
     `fq.DEFAULT_RULES`), with the config's global sparsity, bits and w_sep
-    filled in. A leaf that neither list compresses matches none.
+    filled in (a leaf pruned by DNS's threshold carries its `sensitivity`
+    instead of a sparsity). A leaf that neither list compresses matches none.
   """
   c = config
   prune = fq.resolve(
-    params, stage_rules(c, "prune") + tuple(fq.DEFAULT_RULES), sparsity=c.prune.sparsity
+    params,
+    stage_rules(c, "prune") + tuple(fq.DEFAULT_RULES),
+    sparsity=global_sparsity(c),
+    sensitivity=c.prune.sensitivity,
   )
   quant = fq.resolve(
     params,
@@ -157,7 +162,8 @@ def compression_rules(config, params) -> tuple[fq.Rule, ...]:
       fq.Rule(
         pattern=f"^{re.escape((p or q).path)}$",
         prune=prunes,
-        sparsity=p.sparsity if prunes else None,
+        sparsity=p.sparsity if prunes and p.sensitivity is None else None,
+        sensitivity=p.sensitivity if prunes else None,
         quantize=quantizes,
         bits=q.bits if quantizes else None,
         w_sep=q.w_sep if quantizes else None,
@@ -166,6 +172,12 @@ def compression_rules(config, params) -> tuple[fq.Rule, ...]:
       )
     )
   return tuple(out)
+
+
+def global_sparsity(config) -> float:
+  """`prune.sparsity`, or 0.0 when the run prunes by `prune.sensitivity` instead."""
+  s = config.prune.sparsity
+  return 0.0 if s is None else float(s)
 
 
 def _spec_leaves(specs) -> list:
@@ -218,10 +230,14 @@ def _validate_model_and_data(c) -> None:
   if c.init_from:
     _check(os.path.isfile(c.init_from), "init_from", f"file not found: {c.init_from}")
     _check(
-      c.init_from.endswith(".npz"),
+      c.init_from.endswith((".npz", ".pth", ".pt")),
       "init_from",
-      f"expected a .npz file (PyTorch CIFAR ResNet or flat Flax variables), got {c.init_from}",
+      "expected a .npz (flat Flax variables, or PyTorch keys) or a torchvision .pth/.pt, "
+      f"got {c.init_from}",
     )
+  w = c.dataset.num_workers
+  ok = isinstance(w, int) and not isinstance(w, bool) and w >= 0
+  _check(ok, "dataset.num_workers", f"must be an integer >= 0 (0: in this process), got {w}")
   for key in ("batch_size", "eval_batch_size"):
     _check_positive_int(c[key], key)
   for key in ("steps_per_epoch", "eval_steps"):
@@ -275,8 +291,25 @@ def _validate_optimizers(c) -> None:
 def _validate_prune(c) -> None:
   p = c.prune
   _check_choice(p.method, "prune.method", PRUNE_METHODS, "method")
-  s = p.sparsity
-  _check(_is_number(s) and 0.0 <= s < 1.0, "prune.sparsity", f"must be in [0, 1), got {s}")
+  s, a = p.sparsity, p.sensitivity
+  _check(
+    (s is None) != (a is None),
+    "prune.sparsity and prune.sensitivity",
+    "give exactly one (a target sparsity, or DNS's sensitivity a)"
+    if s is None
+    else "both set; give a target sparsity or DNS's sensitivity a, not both",
+  )
+  if s is not None:
+    _check(_is_number(s) and 0.0 <= s < 1.0, "prune.sparsity", f"must be in [0, 1), got {s}")
+  if a is not None:
+    ok = _is_number(a) and math.isfinite(a)
+    _check(ok, "prune.sensitivity", f"must be a finite number, got {a}")
+  _check_choice(p.scope, "prune.scope", PRUNE_SCOPES, "scope")
+  _check(
+    p.scope == "layer" or s is not None,
+    "prune.scope",
+    "'global' needs prune.sparsity (a global target), not prune.sensitivity",
+  )
   _check_positive_int(p.update_every, "prune.update_every")
   r = p.ramp_fraction
   _check(_is_number(r) and 0.0 <= r <= 1.0, "prune.ramp_fraction", f"must be in [0, 1], got {r}")

@@ -17,6 +17,7 @@ import numpy as np
 
 import fq_jax as fq
 from fq_jax import models as models_lib
+from fq_jax.models import torch_import
 from fq_jax.pipeline import configuration as cfg
 from fq_jax.pipeline import input_pipeline
 from fq_jax.pipeline import sharding as sharding_lib
@@ -81,16 +82,25 @@ class Context:
 
 
 def _load_init(config, model_name: str) -> tuple[int | None, dict[str, Any] | None]:
-  """Reads `init_from`: (cifar depth or None, variables as numpy trees)."""
+  """Reads `init_from`: (cifar depth or None, variables as numpy trees).
+
+  Accepted: a flat Flax `.npz` ("params/conv1/kernel", ...) for any model; a
+  PyTorch CIFAR ResNet state dict as `.npz` for cifar_resnet; a torchvision
+  state dict (`.pth`/`.pt`, or its `.npz` of torch keys) for the torchvision
+  architectures (`torch_import.TORCHVISION_ARCHS`).
+  """
   path = config.init_from
   if not path:
     return config.model.depth, None
+  if not path.endswith(".npz"):  # .pth / .pt: a torchvision state dict
+    _check_torchvision(model_name, path)
+    return config.model.depth, _import_torchvision(path, model_name)
   try:
     with np.load(path) as data:
       arrays = {k: data[k] for k in data.files}
   except (OSError, ValueError) as e:
     raise ConfigError("init_from", f"cannot read {path}: {e}") from None
-  if any("/" in k for k in arrays):
+  if not torch_import.is_torch_state(arrays):
     variables: dict[str, Any] = {}
     for key, value in arrays.items():
       node = variables
@@ -99,10 +109,10 @@ def _load_init(config, model_name: str) -> tuple[int | None, dict[str, Any] | No
         node = node.setdefault(p, {})
       node[leaf] = value
     return config.model.depth, variables
+  if model_name in torch_import.TORCHVISION_ARCHS:
+    return config.model.depth, _import_torchvision(arrays, model_name, path)
   if model_name != "cifar_resnet":
-    raise ConfigError(
-      "init_from", f"{path} is a PyTorch state dict; only cifar_resnet imports those"
-    )
+    _check_torchvision(model_name, path)  # raises: no importer for this model
   try:
     depth, variables = models_lib.import_torch_cifar_resnet(path)
   except ValueError as e:
@@ -110,6 +120,27 @@ def _load_init(config, model_name: str) -> tuple[int | None, dict[str, Any] | No
   if config.model.depth is not None and config.model.depth != depth:
     raise ConfigError("model.depth", f"{config.model.depth}, but {path} holds a ResNet-{depth}")
   return depth, variables
+
+
+def _check_torchvision(model_name: str, path: str) -> None:
+  if model_name not in torch_import.TORCHVISION_ARCHS:
+    raise ConfigError(
+      "init_from",
+      f"{path} is a PyTorch state dict; {model_name} imports none (PyTorch weights are "
+      f"imported for cifar_resnet (.npz) and {', '.join(torch_import.TORCHVISION_ARCHS)})",
+    )
+
+
+def _import_torchvision(source, model_name: str, path: str | None = None) -> dict[str, Any]:
+  """torchvision weights (a file, or its already read torch keys) as Flax variables."""
+  path = source if path is None else path
+  try:
+    if isinstance(source, str):
+      source = torch_import.load_torch_state(source)
+    return torch_import.torchvision_to_flax(source, model_name, source=path)
+  except (ImportError, ValueError, OSError, RuntimeError) as e:
+    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    raise ConfigError("init_from", first if path in first else f"{path}: {first}") from None
 
 
 def _check_structure(variables, abstract, path: str) -> None:
@@ -179,10 +210,27 @@ def initial_variables(ctx: Context) -> dict[str, Any]:
 def requested_sparsity(ctx: Context) -> dict[str, float]:
   """{parameter path: the sparsity the rules ask for} for every compressed parameter."""
   specs = fq.resolve(
-    abstract_variables(ctx)["params"], ctx.rules, sparsity=ctx.config.prune.sparsity
+    abstract_variables(ctx)["params"], ctx.rules, sparsity=cfg.global_sparsity(ctx.config)
   )
   leaves = jax.tree.leaves(specs, is_leaf=lambda x: x is None)
-  return {s.path: (s.sparsity if s.prune and ctx.prunes else 0.0) for s in leaves if s is not None}
+  return {
+    s.path: (s.sparsity if s.prune and ctx.prunes and s.sensitivity is None else 0.0)
+    for s in leaves
+    if s is not None
+  }
+
+
+def sparsity_report(ctx: Context, params, masks) -> dict[str, Any]:
+  """`fq.sparsity_report` of the prune stage's masks, under the run's pruning settings."""
+  p = ctx.config.prune
+  return fq.sparsity_report(
+    params,
+    masks,
+    sparsity=p.sparsity,
+    sensitivity=p.sensitivity,
+    rules=ctx.rules,
+    scope=p.scope,
+  )
 
 
 # ----------------------------------------------------------------------------
@@ -205,20 +253,19 @@ def forward_variables(ctx: Context, carry: dict[str, Any]) -> dict[str, Any]:
 
 def evaluate(ctx: Context, variables: dict[str, Any], model=None) -> dict[str, float]:
   """Test-split loss, top-1 (and top-5) accuracy of `variables` (with `model`, default ctx.model)."""
+
+  def jitted(m):
+    step = steps_lib.make_eval_step(m, ctx.top5)
+    return steps_lib.jit_eval_step(input_pipeline.normalizing(step), ctx.mesh)
+
   if ctx._eval_step is None:
-    ctx._eval_step = steps_lib.jit_eval_step(
-      steps_lib.make_eval_step(ctx.model, ctx.top5), ctx.mesh
-    )
-  eval_step = (
-    ctx._eval_step
-    if model is None
-    else steps_lib.jit_eval_step(steps_lib.make_eval_step(model, ctx.top5), ctx.mesh)
-  )
+    ctx._eval_step = jitted(ctx.model)
+  eval_step = ctx._eval_step if model is None else jitted(model)
   variables = sharding_lib.put_replicated(variables, ctx.mesh)
   bs = sharding_lib.batch_sharding(ctx.mesh)
   sums = None
-  for batch in ctx.source.eval_batches():
-    out = eval_step(variables, sharding_lib.put_batch(batch, bs))
+  for batch in ctx.source.to_device(ctx.source.eval_batches(), bs):
+    out = eval_step(variables, batch)
     sums = out if sums is None else jax.tree.map(jnp.add, sums, out)
   sums = {k: float(steps_lib.host_value(v)) for k, v in sums.items()}
   n = max(sums["count"], 1.0)

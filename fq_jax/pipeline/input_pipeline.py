@@ -4,18 +4,25 @@
 of one training epoch, a pure function of (seed, epoch), resumable at any
 step; `eval_batches()` yields padded test batches with a 0/1 'mask' so every
 batch has the same shape (one compilation) and every example counts once.
+`DataSource.to_device(batches, sharding)` puts them on the devices.
+
+Digits and CIFAR-10 batches are float32, normalized on the host. ImageNet
+batches come from grain worker processes (`GrainImageNetLoader`) as uint8,
+two of them prefetched onto the devices; `normalizing(step)` makes a train or
+eval step normalize uint8 images first, inside the jit.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from fq_jax import data as data_lib
+from fq_jax.data import imagenet_grain
 from fq_jax.pipeline import sharding as sharding_lib
 from fq_jax.pipeline.configuration import ConfigError
 
@@ -45,6 +52,31 @@ class DataSource:
 
   def eval_batches(self) -> Iterator[Batch]:
     raise NotImplementedError
+
+  def to_device(self, batches: Iterable[Batch], sharding) -> Iterator[dict[str, jax.Array]]:
+    """Host batches -> global arrays sharded along the batch axis, one at a time."""
+    for batch in batches:
+      yield sharding_lib.put_batch(batch, sharding)
+
+
+def normalize_batch(batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
+  """ImageNet-normalizes uint8 images (float32 out); float images pass unchanged.
+
+  Called inside the jitted steps (the dtype is static there), so uint8 images
+  cross to the devices and are normalized on them.
+  """
+  if batch["image"].dtype != jnp.uint8:
+    return batch
+  return {**batch, "image": imagenet_grain.normalize(batch["image"])}
+
+
+def normalizing(step: Callable) -> Callable:
+  """`step(x, batch)` (a train or eval step) that first applies `normalize_batch`."""
+
+  def normalized_step(x, batch):
+    return step(x, normalize_batch(batch))
+
+  return normalized_step
 
 
 def _cap(natural: int, cap: int) -> int:
@@ -117,7 +149,14 @@ class InMemorySource(DataSource):
 
 
 class ImageNetSource(DataSource):
-  """ImageNet (or any tfds image classification set) through `ImageNetPipeline`."""
+  """ImageNet (or any tfds image classification set) through `GrainImageNetLoader`.
+
+  Batches hold uint8 images (a quarter of float32's bytes), decoded in
+  `dataset.num_workers` grain processes (0: in this process); `to_device`
+  keeps two batches in flight to the devices.
+  """
+
+  PREFETCH = 2  # batches on the devices ahead of the step
 
   def __init__(self, config, *, num_classes: int = 1000):
     d = config.dataset
@@ -125,61 +164,65 @@ class ImageNetSource(DataSource):
     per_host_eval = config.eval_batch_size // jax.process_count()
     common = dict(
       seed=config.seed,
-      data_dir=d.data_dir,
+      data_dir=d.data_dir or None,
       dataset_name=d.name,
       image_size=d.image_size,
       resize_size=d.resize_size,
-      num_threads=d.num_threads,
+      num_workers=d.num_workers,
     )
-    self.train_pipe = data_lib.ImageNetPipeline(
+    self.train_loader = imagenet_grain.GrainImageNetLoader(
       d.train_split, batch_size=per_host, train=True, **common
     )
-    self.eval_pipe = data_lib.ImageNetPipeline(
+    self.eval_loader = imagenet_grain.GrainImageNetLoader(
       d.eval_split, batch_size=per_host_eval, train=False, **common
     )
     super().__init__(
       name=d.name,
       num_classes=num_classes,
       image_shape=(d.image_size, d.image_size, 3),
-      steps_per_epoch=_cap(self.train_pipe.steps_per_epoch, config.steps_per_epoch),
-      eval_steps=_cap(self.eval_pipe.steps_per_epoch, config.eval_steps),
+      steps_per_epoch=_cap(self.train_loader.steps_per_epoch, config.steps_per_epoch),
+      eval_steps=_cap(self.eval_loader.steps_per_epoch, config.eval_steps),
     )
 
   def train_epoch(self, epoch, start_step=0):
-    it = self.train_pipe.epoch(epoch, start_step=start_step)
+    it = self.train_loader.epoch(epoch, start_step=start_step)
     for _, batch in zip(range(start_step, self.steps_per_epoch), it):
       yield {k: v for k, v in batch.items() if k != "mask"}
 
   def eval_batches(self):
-    for _, batch in zip(range(self.eval_steps), self.eval_pipe.epoch(0)):
+    for _, batch in zip(range(self.eval_steps), self.eval_loader.epoch(0)):
       yield batch
+
+  def to_device(self, batches, sharding):
+    return imagenet_grain.prefetch_to_device(batches, self.PREFETCH, sharding)
 
 
 def make_source(config) -> DataSource:
-  """The config's dataset (`dataset.name`): digits, cifar10 or imagenet2012."""
+  """The config's dataset (`dataset.name`, a name of `fq_jax.data.DATASETS`).
+
+  In-memory datasets (`DatasetInfo.load`) are loaded from `dataset.data_dir`
+  ("" = the dataset's default) and augmented with the registry's augmentation
+  when `dataset.augment` is set; streamed ones (ImageNet) go through tfds.
+  """
   name = config.dataset.name
-  kw = dict(
+  try:
+    info = data_lib.get_dataset(name)
+  except ValueError as e:
+    raise ConfigError("dataset.name", str(e)) from None
+  if info.load is None:
+    return ImageNetSource(config, num_classes=info.num_classes)
+  try:
+    dataset = info.load(config.dataset.data_dir or None)
+  except FileNotFoundError as e:
+    raise ConfigError("dataset.data_dir", str(e)) from None
+  augment = info.augment if config.dataset.augment else None
+  return InMemorySource(
+    name,
+    dataset,
+    augment=augment,
     batch_size=config.batch_size,
     eval_batch_size=config.eval_batch_size,
     seed=config.seed,
     steps_per_epoch_cap=config.steps_per_epoch,
     eval_steps_cap=config.eval_steps,
   )
-  if name == "digits":
-    return InMemorySource(name, data_lib.load_digits(), **kw)
-  if name == "cifar10":
-    # dataset.data_dir: a folder holding cifar10-jpeg.tar.gz (default ../shared/data).
-    path = (
-      os.path.join(config.dataset.data_dir, "cifar10-jpeg.tar.gz")
-      if config.dataset.data_dir
-      else None
-    )
-    try:
-      ds = data_lib.load_cifar10(path)
-    except FileNotFoundError as e:
-      raise ConfigError("dataset.data_dir", str(e)) from None
-    augment = data_lib.cifar10_augment if config.dataset.augment else None
-    return InMemorySource(name, ds, augment=augment, **kw)
-  if name == "imagenet2012":
-    return ImageNetSource(config)
-  raise ConfigError("dataset.name", f"unknown dataset {name!r}")

@@ -123,8 +123,10 @@ def _prune_plan(ctx: Context, masks=None) -> StagePlan:
     tx = fq.dns_pruning(
       inner,
       sparsity=c.prune.sparsity,
+      sensitivity=c.prune.sensitivity,
       rules=ctx.rules,
       update_every=c.prune.update_every,
+      scope=c.prune.scope,
       sparsity_schedule=sparsity_ramp.cubic(ramp) if ramp else None,
     )
     return StagePlan("prune", n, tx, fq.quantized, sched)
@@ -196,11 +198,12 @@ def initial_masks(ctx: Context, params):
   n = cfg.stage_steps(c, ctx.steps_per_epoch)["prune"]
   ramped = c.prune.method == "dns" and ramp_steps(c, n) > 0
   if c.prune.method == "magnitude":
-    fn = lambda p: fq.magnitude_masks(p, c.prune.sparsity, rules=ctx.rules)
+    sparsity = cfg.global_sparsity(c)
+    fn = lambda p: fq.magnitude_masks(p, sparsity, rules=ctx.rules, scope=c.prune.scope)
   else:
 
     def fn(p):
-      specs = fq.resolve(p, ctx.rules, sparsity=c.prune.sparsity)
+      specs = fq.resolve(p, ctx.rules, sparsity=cfg.global_sparsity(c))
       ones = jax.tree.map(
         lambda s, w: None if s is None else jnp.ones(w.shape, bool),
         specs,
@@ -209,7 +212,14 @@ def initial_masks(ctx: Context, params):
       )
       if ramped:
         return ones
-      return fq.dns_masks(p, ones, sparsity=c.prune.sparsity, rules=ctx.rules)
+      return fq.dns_masks(
+        p,
+        ones,
+        sparsity=c.prune.sparsity,
+        sensitivity=c.prune.sensitivity,
+        rules=ctx.rules,
+        scope=c.prune.scope,
+      )
 
   return jax.jit(fn)(params)
 

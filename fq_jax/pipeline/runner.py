@@ -28,9 +28,9 @@ import fq_jax as fq
 from fq_jax.pipeline import artifact as artifact_lib
 from fq_jax.pipeline import checkpoint as checkpoint_lib
 from fq_jax.pipeline import configuration as cfg
+from fq_jax.pipeline import input_pipeline, plans
 from fq_jax.pipeline import integer as integer_lib
 from fq_jax.pipeline import metrics as metrics_lib
-from fq_jax.pipeline import plans
 from fq_jax.pipeline import sharding as sharding_lib
 from fq_jax.pipeline import steps as steps_lib
 from fq_jax.pipeline.configuration import ConfigError
@@ -42,6 +42,7 @@ from fq_jax.pipeline.context import (
   forward_variables,
   initial_variables,
   make_context,
+  sparsity_report,
   to_host,
 )
 
@@ -220,8 +221,10 @@ class Runner:
     if plan.name == "quantize" and scales:  # integer activations, straight-through
       model = integer_lib.model_for(ctx, scales)
     step_fn = steps_lib.jit_train_step(
-      steps_lib.make_train_step(
-        model, plan.tx, plan.forward, distill=plan.distill, teacher_model=ctx.model
+      input_pipeline.normalizing(
+        steps_lib.make_train_step(
+          model, plan.tx, plan.forward, distill=plan.distill, teacher_model=ctx.model
+        )
       ),
       ctx.mesh,
     )
@@ -252,10 +255,11 @@ class Runner:
     )
     bs = sharding_lib.batch_sharding(ctx.mesh)
     sums, n = None, 0
-    for batch in ctx.source.train_epoch(EPOCH_OFFSET[plan.name] + epoch, start_step=offset):
+    batches = ctx.source.train_epoch(EPOCH_OFFSET[plan.name] + epoch, start_step=offset)
+    for batch in ctx.source.to_device(batches, bs):
       if offset >= todo:
         break
-      state, m = step_fn(state, sharding_lib.put_batch(batch, bs))
+      state, m = step_fn(state, batch)
       sums = m if sums is None else jax.tree.map(jnp.add, sums, m)
       step, offset, n = step + 1, offset + 1, n + 1
       bar.update()
@@ -358,7 +362,7 @@ class Runner:
     if start_step == 0:
       plan = self._start_prune(plan)
     self.train(plan, start_step)
-    sparsity = 0.0
+    sparsity, report = 0.0, {}
     if ctx.prunes:
       if plan.num_steps == 0 and c.prune.method == "dns":
         masks = plans.initial_masks(ctx, self.carry["params"])  # one DNS update from all kept
@@ -367,8 +371,10 @@ class Runner:
       self.carry["params"] = fq.apply_masks(self.carry["params"], masks)
       self.carry["masks"] = masks
       sparsity = fq.sparsity_of(masks)
+      # Requested against reached, per layer and in total ({"layers": [...], "total": {...}}).
+      report = sparsity_report(ctx, to_host(self.carry["params"]), to_host(masks))
     result = evaluate(ctx, forward_variables(ctx, {**self.carry, "opt_state": None}))
-    self.record.results["pruned"] = {**accuracy_fields(result), "sparsity": sparsity}
+    self.record.results["pruned"] = {**accuracy_fields(result), "sparsity": sparsity, **report}
     self._eval_row("prune", plan.num_steps, result, sparsity=sparsity)
     ctx.log(f"prune: sparsity {sparsity:.4f}, test accuracy {result['accuracy']:.4f}")
     self.carry.pop("opt_state", None)
