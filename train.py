@@ -57,7 +57,7 @@ def _parse_flags(argv):
 
 
 def _apply_length_overrides(config, overrides) -> None:
-  """A length given on the command line in one unit clears the config file's other unit."""
+  """A length (or DNS target) given on the command line in one form clears the file's other."""
   from fq_jax.pipeline.configuration import LENGTH_KEYS
 
   for section, pairs in LENGTH_KEYS.items():
@@ -66,6 +66,10 @@ def _apply_length_overrides(config, overrides) -> None:
       if len(given) == 1:
         other = steps_key if epochs_key in given else epochs_key
         config[section][other] = None
+  # Likewise DNS's two targets: --config.prune.sensitivity=A alone clears the file's sparsity.
+  given = {k for k in ("sparsity", "sensitivity") if f"prune.{k}" in overrides}
+  if len(given) == 1:
+    config.prune["sensitivity" if "sparsity" in given else "sparsity"] = None
 
 
 def main(argv):

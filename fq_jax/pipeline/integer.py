@@ -30,6 +30,7 @@ import numpy as np
 
 import fq_jax as fq
 from fq_jax.codec.metadata import ModelMetadata, parse_activation_scales
+from fq_jax.pipeline import input_pipeline
 
 # Data for the calibration: a fixed epoch index of its own (the order is a
 # function of (seed, epoch)), so a rerun calibrates on the same batches.
@@ -61,6 +62,8 @@ def calibrate(ctx, variables) -> dict[str, Any] | None:
   q = ctx.config.quant
   n = int(q.get("activation_calibration_batches", 8))
   batches = itertools.islice(ctx.source.train_epoch(CALIBRATION_EPOCH), n)
+  # ImageNet batches leave the loader as uint8: calibrate on what the model sees.
+  batches = (input_pipeline.normalize_batch(b) for b in batches)
   host_vars = jax.tree.map(np.asarray, jax.device_get(variables))
   scales = fq.calibrate_activations(
     ctx.model,
