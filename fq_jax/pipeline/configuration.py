@@ -314,6 +314,11 @@ def _validate_prune(c) -> None:
   r = p.ramp_fraction
   _check(_is_number(r) and 0.0 <= r <= 1.0, "prune.ramp_fraction", f"must be in [0, 1], got {r}")
   _check(r == 0 or p.method == "dns", "prune.ramp_fraction", "the ramp needs prune.method=dns")
+  _check(
+    r == 0 or (p.get("sensitivity") is None and p.get("scope", "layer") == "layer"),
+    "prune.ramp_fraction",
+    "the ramp needs prune.sparsity (not prune.sensitivity) and prune.scope=layer",
+  )
   stage_rules(c, "prune")  # raises ConfigError for a malformed rule
 
 
