@@ -122,7 +122,7 @@ BUILD_CASES = [
   (
     lambda: fq.dns_pruning(SGD, sensitivity="high"),
     ValueError,
-    "dns_pruning: sensitivity must be a number, got 'high'",
+    "dns_pruning: sensitivity must be a finite number, got 'high'",
   ),
   (
     lambda: fq.dns_pruning(SGD, sparsity=0.5, rules=42),
