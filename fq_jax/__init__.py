@@ -18,6 +18,8 @@ from fq_jax._src.codebook_transform import (
   codebooks_of,
   find_codebook_state,
 )
+from fq_jax._src.events import ScheduleEvents, no_events
+from fq_jax._src.forward import alphas
 from fq_jax._src.gmm import (
   GMM,
   fit_gmm,
@@ -37,6 +39,7 @@ from fq_jax._src.masks import (
   sparsity_of,
   sparsity_report,
 )
+from fq_jax._src.pruning import dns_pruning_with_events
 from fq_jax._src.quantizers import (
   FocusState,
   focus,
@@ -58,6 +61,7 @@ from fq_jax._src.transforms import (
   dns_pruning,
   find_state,
   focused_quantization,
+  focused_quantization_with_events,
   infer_masks,
   inq_schedule,
   quantized,
@@ -90,11 +94,8 @@ from fq_jax.integer import (
 )
 
 __all__ = [
-  "codebook_quantized_fraction",
-  "codebooks_of",
-  "DecodeLimits",
-  "ModelMetadata",
   "ActivationScale",
+  "alphas",
   "apply_masks",
   "apply_quantized",
   "artifact_summary",
@@ -103,17 +104,21 @@ __all__ = [
   "codebook_quantization",
   "codebook_quantize",
   "codebook_quantized",
+  "codebook_quantized_fraction",
   "codebook_symbols",
   "codebook_values",
   "CodebookQState",
+  "codebooks_of",
   "CodebookState",
   "count_integer_ops",
   "decode_model",
   "DecodedModel",
+  "DecodeLimits",
   "DEFAULT_RULES",
   "dns_mask",
   "dns_masks",
   "dns_pruning",
+  "dns_pruning_with_events",
   "dns_target_mask",
   "dns_threshold",
   "empirical_entropy",
@@ -125,6 +130,7 @@ __all__ = [
   "fit_gmms",
   "focus",
   "focused_quantization",
+  "focused_quantization_with_events",
   "focused_quantize",
   "focused_symbols",
   "focused_values",
@@ -147,6 +153,8 @@ __all__ = [
   "load_integer_model",
   "magnitude_mask",
   "magnitude_masks",
+  "no_events",
+  "ModelMetadata",
   "num_symbols",
   "overflow_bias",
   "PAPER_INQ_FRACTIONS",
@@ -162,6 +170,7 @@ __all__ = [
   "round_to_power_of_two",
   "Rule",
   "save_fqz",
+  "ScheduleEvents",
   "shift_add",
   "shift_quantize",
   "sparsity_of",

@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from fq_jax._src import events as events_lib
 from fq_jax._src import masks as masks_lib
 from fq_jax._src import rules as rules_lib
 from fq_jax._src import sparsity_ramp as ramp_lib
@@ -100,6 +101,85 @@ def dns_pruning(
     raise ValueError("dns_pruning: sparsity_schedule needs sparsity= and scope='layer'")
   rules = rules_lib.as_rules(rules, where)
   _check_unmatched(unmatched, where)
+  return _build_dns(
+    inner,
+    sparsity=sparsity,
+    sensitivity=sensitivity,
+    rules=rules,
+    update_every=update_every,
+    scope=scope,
+    unmatched=unmatched,
+    sparsity_schedule=sparsity_schedule,
+  )
+
+
+def dns_pruning_with_events(
+  inner: optax.GradientTransformation, **kwargs
+) -> tuple[optax.GradientTransformationExtraArgs, events_lib.ScheduleEvents]:
+  """`fq.dns_pruning` in its event form: a step with no control flow, and its events.
+
+  Takes the arguments of `fq.dns_pruning`. With `update_every=1` the mask
+  update runs in every step (no conditional needed) and there are no events;
+  otherwise `update` never touches the masks and the event "masks" (due after
+  every `update_every`-th update) refreshes them. Running the events as they
+  fall due gives exactly the states of the in-step form (see `fq.ScheduleEvents`).
+
+  Returns:
+    `(tx, events)`.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, optax, fq_jax as fq
+    >>> params = {"kernel": jax.random.normal(jax.random.key(0), (8, 8))}
+    >>> tx, events = fq.dns_pruning_with_events(optax.sgd(0.1), sparsity=0.5, update_every=2)
+    >>> state = tx.init(params)
+    >>> updates, state = tx.update(jax.tree.map(jnp.ones_like, params), state, params)
+    >>> params = optax.apply_updates(params, updates)
+    >>> events.due(1), events.due(2)
+    ((), ('masks',))
+    >>> state = events.run(params, state, ("masks",))
+    >>> int(jnp.sum(state.masks["kernel"]))
+    32
+  """
+  dns_pruning(inner, **kwargs)  # validates the arguments exactly as the in-step form does
+  return _build_dns(inner, in_step=False, **_dns_defaults(kwargs))
+
+
+def _dns_defaults(kwargs):
+  out = dict(
+    sparsity=None,
+    sensitivity=None,
+    rules=rules_lib.DEFAULT_RULES,
+    update_every=1,
+    scope="layer",
+    unmatched="raise",
+    sparsity_schedule=None,
+  )
+  out.update(kwargs)
+  out["rules"] = rules_lib.as_rules(out["rules"], "dns_pruning")
+  return out
+
+
+def _build_dns(
+  inner,
+  *,
+  sparsity,
+  sensitivity,
+  rules,
+  update_every,
+  scope,
+  unmatched,
+  sparsity_schedule,
+  in_step=True,
+):
+  """The in-step transform, or (transform, events) when `in_step` is False."""
+  where = "dns_pruning"
+
+  def new_masks(params, masks, count):
+    if sparsity_schedule is None:
+      return masks_lib.dns_masks(
+        params, masks, sparsity=sparsity, sensitivity=sensitivity, rules=rules, scope=scope
+      )
+    return ramp_lib.ramped_dns_masks(params, masks, sparsity, rules, sparsity_schedule(count))
 
   def init(params):
     params = rules_lib.unwrap_variables(params)
@@ -115,20 +195,49 @@ def dns_pruning(
     new_updates, inner_state = inner.update(updates, state.inner_state, params, **extra)
     count = state.count + 1
     new_params = optax.apply_updates(params, new_updates)
-    if sparsity_schedule is None:
-      new_masks = lambda: masks_lib.dns_masks(
-        new_params,
-        state.masks,
-        sparsity=sparsity,
-        sensitivity=sensitivity,
-        rules=rules,
-        scope=scope,
+    masks = state.masks
+    if update_every == 1:  # every update: no condition to test
+      masks = new_masks(new_params, state.masks, count)
+    elif in_step:
+      masks = jax.lax.cond(
+        count % update_every == 0,
+        lambda: new_masks(new_params, state.masks, count),
+        lambda: state.masks,
       )
-    else:
-      new_masks = lambda: ramp_lib.ramped_dns_masks(
-        new_params, state.masks, sparsity, rules, sparsity_schedule(count)
-      )
-    masks = jax.lax.cond(count % update_every == 0, new_masks, lambda: state.masks)
     return new_updates, PruneState(count, masks, inner_state)
 
-  return optax.GradientTransformationExtraArgs(init, update)
+  tx = optax.GradientTransformationExtraArgs(init, update)
+  if in_step:
+    return tx
+  if update_every == 1:
+    return tx, events_lib.no_events()
+
+  def due(count: int) -> tuple[str, ...]:
+    return ("masks",) if count > 0 and count % update_every == 0 else ()
+
+  # Jitted once per transform: called eagerly, `run` costs one compiled call.
+  new_masks_jit = jax.jit(new_masks)
+
+  def run(params, opt_state, names):
+    state = find_prune_state(opt_state)
+    if "masks" not in names:
+      return opt_state
+    params = rules_lib.unwrap_variables(params)
+    masks = new_masks_jit(params, state.masks, state.count)
+    return events_lib.replace_state(opt_state, _is_prune_state, state._replace(masks=masks))
+
+  return tx, events_lib.ScheduleEvents(due=due, run=run, names=("masks",))
+
+
+def _is_prune_state(x) -> bool:
+  return isinstance(x, PruneState)
+
+
+def find_prune_state(opt_state) -> PruneState:
+  """The single `PruneState` inside an optax state (ValueError when not exactly one)."""
+  if _is_prune_state(opt_state):
+    return rules_lib.unwrap_variables(opt_state)
+  found = [x for x in jax.tree.leaves(opt_state, is_leaf=_is_prune_state) if _is_prune_state(x)]
+  if len(found) != 1:
+    raise ValueError(f"expected exactly one dns_pruning state, found {len(found)}")
+  return rules_lib.unwrap_variables(found[0])

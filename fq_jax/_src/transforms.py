@@ -1,4 +1,4 @@
-"""optax integration: DNS pruning and focused quantization as optimizer wrappers.
+"""optax integration: focused quantization as an optimizer wrapper (and the re-exports).
 
 The compression state (masks, per-layer `FocusState`s, INQ progress,
 re-estimation counters, the learnable alphas) lives inside the optax state as
@@ -17,15 +17,23 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Sequence
-from typing import Any, Literal, NamedTuple
+from typing import Any, Literal
 
 import jax
 import jax.numpy as jnp
 import optax
 
-from fq_jax._src import masks as masks_lib
+from fq_jax._src import events as events_lib
 from fq_jax._src import quantizers
 from fq_jax._src import rules as rules_lib
+from fq_jax._src.forward import (  # noqa: F401  (re-exported)
+  _derive_masks,
+  aligned_layers,
+  infer_masks,
+  quantized,
+  quantized_fraction,
+)
+from fq_jax._src.fq_state import FQState, find_state, is_fq_state  # noqa: F401
 from fq_jax._src.pruning import PruneState, dns_pruning  # noqa: F401  (re-exported)
 from fq_jax._src.schedule import PAPER_INQ_FRACTIONS, QuantSchedule, inq_schedule  # noqa: F401
 from fq_jax._src.state_layout import (  # noqa: F401
@@ -43,138 +51,6 @@ MaskTree = Any
 _DEFAULT_SCHEDULE = QuantSchedule()  # frozen: safe as a shared default
 
 # ----------------------------------------------------------------------------
-# States
-# ----------------------------------------------------------------------------
-
-
-class FQState(NamedTuple):
-  """State of `focused_quantization` (arrays only; checkpoint it as is).
-
-  Attributes:
-    count: number of updates so far (int32).
-    rng: raw key data (uint32) for resampling assignments.
-    masks: keep-masks of compressed leaves (None for dense leaves).
-    focus: `FocusState` of quantized leaves (None elsewhere); their `alpha`
-      is the learned scale.
-    inq: bool per quantized leaf, the kept weights quantized in this stage.
-    stage: INQ stage in force (int32).
-    next_refit: update count of the next re-estimation (int32).
-    refit_interval: current re-estimation interval (float32).
-    alpha_state: the alpha optimizer's state.
-    inner_state: the inner optimizer's state.
-  """
-
-  count: jax.Array
-  rng: jax.Array
-  masks: MaskTree
-  focus: Any
-  inq: Any
-  stage: jax.Array
-  next_refit: jax.Array
-  refit_interval: jax.Array
-  alpha_state: optax.OptState
-  inner_state: optax.OptState
-
-
-def find_state(opt_state) -> FQState | PruneState:
-  """Finds the single `FQState` or `PruneState` inside any optax state.
-
-  Args:
-    opt_state: an optax state (under `optax.chain`, `inject_hyperparams`,
-      `MultiSteps`, `apply_if_finite`, `optax.masked`, `multi_transform`,
-      ...), an `nnx.Optimizer` or its `opt_state`.
-
-  Returns:
-    The state, with any Flax NNX Variable wrappers (an `nnx.Optimizer`
-    wraps each array in an `OptArray`) replaced by their arrays.
-
-  Raises:
-    ValueError: when there is none, or more than one.
-  """
-  inner = getattr(opt_state, "opt_state", None)
-  if inner is not None and not isinstance(opt_state, (FQState, PruneState, tuple, dict)):
-    opt_state = inner  # an nnx.Optimizer
-  is_fq = lambda x: isinstance(x, (FQState, PruneState))
-  if is_fq(opt_state):
-    return rules_lib.unwrap_variables(opt_state)
-  found = [x for x in jax.tree.leaves(opt_state, is_leaf=is_fq) if is_fq(x)]
-  if len(found) != 1:
-    raise ValueError(
-      "expected exactly one fq state (from fq.focused_quantization or fq.dns_pruning) "
-      f"inside the optimizer state, found {len(found)}"
-    )
-  return rules_lib.unwrap_variables(found[0])
-
-
-# ----------------------------------------------------------------------------
-# The forward-pass parameter tree
-# ----------------------------------------------------------------------------
-
-
-def _masked_straight_through(w, mask):
-  """DNS forward: pruned entries read as 0, gradients reach every entry."""
-  return w + jax.lax.stop_gradient(jnp.where(mask, w, jnp.zeros_like(w)) - w)
-
-
-def quantized(params, state) -> Any:
-  """The forward-pass parameter tree for a training or evaluation step.
-
-  Under `focused_quantization`: weights in the current INQ fraction are
-  focused-quantized (straight-through gradients), the other kept weights are
-  used as they are, pruned weights are 0 with zero gradient; dense leaves pass
-  through. Under `dns_pruning`: pruned weights read as 0 but, as DNS requires,
-  gradients reach all weights so pruned ones can be spliced back.
-
-  Args:
-    params: the float parameters the optimizer updates: a Flax dict, an
-      `nnx.State` (of `nnx.Param`s or of arrays) or a pure dict of it.
-      Leaves are matched to the state by path, so the container may differ
-      from the one `init` saw; leaves `optax.masked` kept out of the state
-      pass through.
-    state: an `FQState`, a `PruneState`, any optax state containing one, or
-      an `nnx.Optimizer`.
-
-  Returns:
-    A tree like `params` (same containers, NNX Variables included) to feed
-    to the model.
-
-  Raises:
-    ValueError: when `params` does not match the state, naming the path.
-
-  Example:
-    >>> import jax, jax.numpy as jnp, optax, fq_jax as fq
-    >>> params = {"kernel": jax.random.normal(jax.random.key(0), (8, 8))}
-    >>> params = fq.apply_masks(params, fq.magnitude_masks(params, 0.5))
-    >>> tx = fq.focused_quantization(optax.sgd(0.1), bits=5)
-    >>> state = tx.init(params)
-    >>> q = fq.quantized(params, state)
-    >>> int(jnp.sum(q["kernel"] != 0))
-    32
-  """
-  state = find_state(state)
-  laid_out, back = _to_state_layout(state.masks, params, what="params", where="fq.quantized")
-  if isinstance(state, PruneState):
-    return back(
-      jax.tree.map(
-        lambda m, w: w if m is None else _masked_straight_through(w, m),
-        state.masks,
-        laid_out,
-        is_leaf=_is_none,
-      )
-    )
-
-  def one(m, f, inq, w):
-    if m is None:
-      return w
-    kept = jnp.where(m, w, jnp.zeros_like(w))
-    if f is None:
-      return kept
-    return jnp.where(inq, quantizers.focused_quantize(w, f), kept)
-
-  return back(jax.tree.map(one, state.masks, state.focus, state.inq, laid_out, is_leaf=_is_none))
-
-
-# ----------------------------------------------------------------------------
 # Focused quantization
 # ----------------------------------------------------------------------------
 
@@ -184,7 +60,17 @@ def _unit_values(w, f: quantizers.FocusState):
   return quantizers.focused_values(quantizers.focused_symbols(w, f), f, alpha=1.0)
 
 
-def _select_inq(w, f: quantizers.FocusState, current, fraction, order):
+@functools.partial(jax.jit, static_argnames=("bits", "w_sep", "recentralize", "num_iters"))
+def _focus_group(ws, ms, keys, *, bits, w_sep, recentralize, num_iters):
+  """`quantizers.focus` of a stack of layers of one shape and setting (vmapped, jitted once)."""
+  focus_one = functools.partial(
+    quantizers.focus, bits=bits, w_sep=w_sep, recentralize=recentralize, num_iters=num_iters
+  )
+  return jax.vmap(focus_one)(ws, ms, keys)
+
+
+@functools.partial(jax.jit, static_argnames=("order",))
+def _select_inq(w, f: quantizers.FocusState, current, fraction, *, order):
   """Adds kept weights to the quantized set until `fraction` of them are in.
 
   Weights already in stay in (INQ never releases a quantized weight).
@@ -200,17 +86,6 @@ def _select_inq(w, f: quantizers.FocusState, current, fraction, order):
   order_idx = jnp.argsort(-flat, stable=True)
   rank = jnp.zeros(flat.shape, jnp.int32).at[order_idx].set(jnp.arange(flat.size, dtype=jnp.int32))
   return jnp.reshape(rank < target, w.shape) & f.mask
-
-
-def _derive_masks(masks, specs, params):
-  if masks is None:
-    # Pruned weights are exact zeros after `apply_masks`: recover the masks.
-    return masks_lib.map_specs(
-      lambda s, w: (w != 0) if s.prune else jnp.ones(w.shape, bool), specs, params
-    )
-  if callable(masks):
-    masks = masks(params)
-  return masks_lib.map_specs(lambda s, m: jnp.asarray(m, bool), specs, masks)
 
 
 # Long on purpose: an optax wrapper is one closure pair (init, update) over its validated
@@ -310,6 +185,87 @@ def focused_quantization(
   _check_unmatched(unmatched, where)
   if alpha_optimizer is None:
     alpha_optimizer = optax.adam(1e-4)
+  return _build_focused(
+    inner,
+    bits=bits,
+    w_sep=w_sep,
+    rules=rules,
+    schedule=schedule,
+    masks=masks,
+    alpha_optimizer=alpha_optimizer,
+    seed=seed,
+    gmm_iters=gmm_iters,
+    unmatched=unmatched,
+  )
+
+
+def focused_quantization_with_events(
+  inner: optax.GradientTransformation, **kwargs
+) -> tuple[optax.GradientTransformationExtraArgs, events_lib.ScheduleEvents]:
+  """`fq.focused_quantization` in its event form: a step with no control flow, and its events.
+
+  Takes the arguments of `fq.focused_quantization`. The transform's `update`
+  trains the weights and the alphas only; the schedule's events run when
+  `events.due(count)` names them: "refit" (re-estimate the mixtures on the
+  current weights and resample the assignments) and "inq" (grow the quantized
+  set at an INQ boundary), in that order when both fall on one update.
+  Running them as they fall due gives exactly the states of the in-step form.
+
+  Returns:
+    `(tx, events)` (see `fq.ScheduleEvents`).
+
+  Example:
+    >>> import jax, jax.numpy as jnp, optax, fq_jax as fq
+    >>> params = {"kernel": jax.random.normal(jax.random.key(0), (16, 16))}
+    >>> params = fq.apply_masks(params, fq.magnitude_masks(params, 0.5))
+    >>> tx, events = fq.focused_quantization_with_events(
+    ...     optax.sgd(0.1), schedule=fq.inq_schedule(2))
+    >>> state = tx.init(params)
+    >>> for count in (1, 2):
+    ...   grads = jax.grad(lambda p: jnp.sum(fq.quantized(p, state)["kernel"] ** 2))(params)
+    ...   updates, state = tx.update(grads, state, params)
+    ...   params = optax.apply_updates(params, updates)
+    ...   if due := events.due(count):
+    ...     state = events.run(params, state, due)
+    >>> due, fq.quantized_fraction(state)
+    (('refit', 'inq'), 0.5)
+  """
+  focused_quantization(inner, **kwargs)  # validates the arguments exactly as the in-step form does
+  defaults = dict(
+    bits=5,
+    w_sep=2.0,
+    rules=rules_lib.DEFAULT_RULES,
+    schedule=_DEFAULT_SCHEDULE,
+    masks=None,
+    alpha_optimizer=None,
+    seed=0,
+    gmm_iters=200,
+    unmatched="raise",
+  )
+  args = {**defaults, **kwargs}
+  args["rules"] = rules_lib.as_rules(args["rules"], "focused_quantization")
+  if args["alpha_optimizer"] is None:
+    args["alpha_optimizer"] = optax.adam(1e-4)
+  return _build_focused(inner, in_step=False, **args)
+
+
+# Long on purpose: one closure family (init, update, the events) over the validated arguments.
+def _build_focused(
+  inner,
+  *,
+  bits,
+  w_sep,
+  rules,
+  schedule: QuantSchedule,
+  masks,
+  alpha_optimizer,
+  seed,
+  gmm_iters,
+  unmatched,
+  in_step=True,
+):
+  """The in-step transform, or (transform, events) when `in_step` is False."""
+  where = "focused_quantization"
   fractions = jnp.asarray(schedule.inq_fractions, jnp.float32)
   boundaries = jnp.asarray(schedule.inq_boundaries, jnp.int32)
 
@@ -331,17 +287,14 @@ def focused_quantization(
         key = (tuple(ws[i].shape), str(ws[i].dtype), s.bits, s.w_sep, s.recentralize)
         groups.setdefault(key, []).append(i)
     for (_, _, group_bits, group_w_sep, group_recentralize), idx in groups.items():
-      focus_one = functools.partial(
-        quantizers.focus,
+      stacked = _focus_group(
+        jnp.stack([ws[i] for i in idx]),
+        jnp.stack([ms[i] for i in idx]),
+        jnp.stack([jax.random.fold_in(rng, i) for i in idx]),
         bits=group_bits,
         w_sep=group_w_sep,
         recentralize=group_recentralize,
         num_iters=gmm_iters,
-      )
-      stacked = jax.vmap(focus_one)(
-        jnp.stack([ws[i] for i in idx]),
-        jnp.stack([ms[i] for i in idx]),
-        jnp.stack([jax.random.fold_in(rng, i) for i in idx]),
       )
       for j, i in enumerate(idx):
         f = jax.tree.map(lambda x: x[j], stacked)
@@ -351,18 +304,20 @@ def focused_quantization(
   def inq_all(focus, params, current, stage):
     fraction = fractions[stage]
     return _map_present(
-      lambda f, w, cur: _select_inq(w, f, cur, fraction, schedule.inq_order), focus, params, current
+      lambda f, w, cur: _select_inq(w, f, cur, fraction, order=schedule.inq_order),
+      focus,
+      params,
+      current,
     )
 
   def specs_of(params):
     return rules_lib.resolve(params, rules, bits=bits, w_sep=w_sep)
 
   def init(params):
-    # One compiled computation instead of op-by-op dispatch when called eagerly
-    # (the usual optax convention); under an outer jit this inlines.
-    return jax.jit(_init)(params)
-
-  def _init(params):
+    # Called eagerly, the expensive pieces (`_focus_group`, `_select_inq`) are
+    # module-level jitted functions whose compiled code the refit and INQ events
+    # of the event form reuse (same shapes, same settings); under an outer jit
+    # they inline.
     params = rules_lib.unwrap_variables(params)
     rules_lib.check_selection(params, rules, where=where, unmatched=unmatched)
     specs = specs_of(params)
@@ -387,7 +342,15 @@ def focused_quantization(
       inner_state=inner.init(params),
     )
 
-  def update(updates, state: FQState, params=None, **extra):
+  def refit(focus, params, masks, count, rng_data, interval):
+    """Re-estimates every mixture (alphas kept); returns (focus, next_refit, interval)."""
+    alphas = _map_present(lambda f: f.alpha, focus)
+    rng = jax.random.wrap_key_data(rng_data)
+    focus = focus_all(specs_of(params), params, masks, jax.random.fold_in(rng, count), alphas)
+    interval = interval * schedule.refit_growth
+    return focus, count + jnp.ceil(interval).astype(jnp.int32), interval
+
+  def update(updates, state: FQState, params=None, alpha_grads=None, **extra):
     if params is None:
       raise ValueError("focused_quantization needs params in update()")
     # Line the trees up with the state by path (NNX Variables, other containers).
@@ -398,18 +361,20 @@ def focused_quantization(
     params, _ = _to_state_layout(
       state.masks, rules_lib.unwrap_variables(params), what="params", where=where
     )
-    specs = specs_of(params)
     zero_pruned = lambda m, g: g if m is None else jnp.where(m, g, jnp.zeros_like(g))
     grads = jax.tree.map(zero_pruned, state.masks, updates, is_leaf=_is_none)
 
-    # The true alpha gradient: Q = alpha * unit, and dL/dQ is what reached w.
-    alpha_grads = _map_present(
-      lambda f, inq, g, w: jnp.sum(jnp.where(inq, g.astype(jnp.float32) * _unit_values(w, f), 0.0)),
-      state.focus,
-      state.inq,
-      grads,
-      params,
-    )
+    if alpha_grads is None:
+      # The true alpha gradient: Q = alpha * unit, and dL/dQ is what reached w.
+      alpha_grads = _map_present(
+        lambda f, inq, g, w: jnp.sum(
+          jnp.where(inq, g.astype(jnp.float32) * _unit_values(w, f), 0.0)
+        ),
+        state.focus,
+        state.inq,
+        grads,
+        params,
+      )
     alphas = _map_present(lambda f: f.alpha, state.focus)
     alpha_updates, alpha_state = alpha_optimizer.update(alpha_grads, state.alpha_state, alphas)
     alphas = optax.apply_updates(alphas, alpha_updates)
@@ -417,96 +382,66 @@ def focused_quantization(
 
     new_updates, inner_state = inner.update(grads, state.inner_state, params, **extra)
     new_updates = jax.tree.map(zero_pruned, state.masks, new_updates, is_leaf=_is_none)
-    new_params = optax.apply_updates(params, new_updates)
     count = state.count + 1
+    new_state = state._replace(
+      count=count, focus=focus, alpha_state=alpha_state, inner_state=inner_state
+    )
+    if in_step:
+      new_state = _events_in_step(new_state, optax.apply_updates(params, new_updates))
+    if jax.tree.structure(new_updates) != jax.tree.structure(original_updates):
+      new_updates = back(new_updates)
+    return new_updates, new_state
 
+  def _events_in_step(state: FQState, new_params) -> FQState:
     # Branches a schedule can never take are not even traced (compile time).
-    interval, next_refit = state.refit_interval, state.next_refit
+    count = state.count
     if schedule.refit_every > 0:
-      rng = jax.random.wrap_key_data(state.rng)
       refit_now = (state.next_refit >= 0) & (count >= state.next_refit)
-      focus = jax.lax.cond(
+      focus, next_refit, interval = jax.lax.cond(
         refit_now,
-        lambda: focus_all(specs, new_params, state.masks, jax.random.fold_in(rng, count), alphas),
-        lambda: focus,
+        lambda: refit(state.focus, new_params, state.masks, count, state.rng, state.refit_interval),
+        lambda: (state.focus, state.next_refit, state.refit_interval),
       )
-      interval = jnp.where(
-        refit_now, state.refit_interval * schedule.refit_growth, state.refit_interval
-      )
-      next_refit = jnp.where(
-        refit_now, count + jnp.ceil(interval).astype(jnp.int32), state.next_refit
-      )
-
+      state = state._replace(focus=focus, next_refit=next_refit, refit_interval=interval)
     stage = stage_at(count)
-    inq = state.inq
     if schedule.inq_boundaries:
       inq = jax.lax.cond(
         stage != state.stage,
-        lambda: inq_all(focus, new_params, state.inq, stage),
+        lambda: inq_all(state.focus, new_params, state.inq, stage),
         lambda: state.inq,
       )
-    if jax.tree.structure(new_updates) != jax.tree.structure(original_updates):
-      new_updates = back(new_updates)
-    return new_updates, FQState(
-      count=count,
-      rng=state.rng,
-      masks=state.masks,
-      focus=focus,
-      inq=inq,
-      stage=stage,
-      next_refit=next_refit,
-      refit_interval=interval,
-      alpha_state=alpha_state,
-      inner_state=inner_state,
+      state = state._replace(inq=inq)
+    return state._replace(stage=stage)
+
+  tx = optax.GradientTransformationExtraArgs(init, update)
+  if in_step:
+    return tx
+
+  boundaries_set = frozenset(schedule.inq_boundaries)
+
+  def due(count: int) -> tuple[str, ...]:
+    names = []
+    if events_lib.is_refit_count(schedule.refit_every, schedule.refit_growth, count):
+      names.append("refit")
+    if count in boundaries_set:
+      names.append("inq")
+    return tuple(names)
+
+  def run(params, opt_state, names):
+    state = find_state(opt_state)
+    if not isinstance(state, FQState):
+      raise ValueError(f"{where} events: the state is not a focused_quantization state")
+    params, _ = _to_state_layout(
+      state.masks, rules_lib.unwrap_variables(params), what="params", where=where
     )
+    if "refit" in names:
+      focus, next_refit, interval = refit(
+        state.focus, params, state.masks, state.count, state.rng, state.refit_interval
+      )
+      state = state._replace(focus=focus, next_refit=next_refit, refit_interval=interval)
+    if "inq" in names:
+      stage = stage_at(state.count)
+      state = state._replace(stage=stage, inq=inq_all(state.focus, params, state.inq, stage))
+    return events_lib.replace_state(opt_state, is_fq_state, state)
 
-  return optax.GradientTransformationExtraArgs(init, update)
-
-
-def quantized_fraction(state) -> float:
-  """Fraction of kept quantized-layer weights currently quantized (host float)."""
-  state = find_state(state)
-  if not isinstance(state, FQState):
-    return 0.0
-  pairs = [
-    (jnp.sum(q), jnp.sum(f.mask))
-    for q, f in zip(
-      jax.tree.leaves(state.inq),
-      jax.tree.leaves(state.focus, is_leaf=lambda x: isinstance(x, quantizers.FocusState)),
-    )
-  ]
-  kept = sum(int(k) for _, k in pairs)
-  return 1.0 if kept == 0 else sum(int(q) for q, _ in pairs) / kept
-
-
-def infer_masks(params, *, rules: Sequence[rules_lib.Rule] = rules_lib.DEFAULT_RULES):
-  """Masks recovered from the exact zeros of prunable leaves (None for dense)."""
-  params = rules_lib.unwrap_variables(params)
-  return _derive_masks(None, rules_lib.resolve(params, rules), params)
-
-
-def aligned_layers(params, state) -> list[tuple[str, Any, Any, Any]]:
-  """(path, mask, focus, weight) per leaf the fq state compresses, in tree order.
-
-  Args:
-    params: the float parameters (any container, matched by path).
-    state: an optax state holding an `FQState` or `PruneState`.
-
-  Returns:
-    One tuple per compressed leaf; focus is None for a prune-only leaf
-    (and always under `dns_pruning`).
-
-  Raises:
-    ValueError: when `params` does not match the state, naming the path.
-  """
-  state = find_state(state)
-  laid_out, _ = _to_state_layout(state.masks, params, what="params", where="fq.layer_report")
-  laid_out = rules_lib.unwrap_variables(laid_out)
-  flat, treedef = jax.tree_util.tree_flatten_with_path(state.masks, is_leaf=_is_slot)
-  focus = treedef.flatten_up_to(state.focus) if isinstance(state, FQState) else [None] * len(flat)
-  ws = treedef.flatten_up_to(laid_out)
-  return [
-    (rules_lib.path_str(p), m, f, w)
-    for (p, m), f, w in zip(flat, focus, ws)
-    if m is not None and not isinstance(m, optax.MaskedNode)
-  ]
+  return tx, events_lib.ScheduleEvents(due=due, run=run, names=("refit", "inq"))

@@ -42,6 +42,10 @@ class StagePlan:
   forward: steps_lib.Forward
   schedule: optax.Schedule
   distill: losses.Distillation | None = None
+  # Schedule events (DNS mask refresh, mixture refit, INQ growth) run as their own
+  # jitted calls between steps, so the compiled step holds no control flow.
+  events: fq.ScheduleEvents = dataclasses.field(default_factory=fq.no_events)
+  learns_alphas: bool = False  # forward(params, opt_state, alphas=...) gives the alpha gradient
 
 
 def learning_rate(config, section: str) -> float:
@@ -120,7 +124,7 @@ def _prune_plan(ctx: Context, masks=None) -> StagePlan:
     return StagePlan("prune", n, inner, steps_lib.identity_forward, sched)
   if c.prune.method == "dns":
     ramp = ramp_steps(c, n)
-    tx = fq.dns_pruning(
+    tx, events = fq.dns_pruning_with_events(
       inner,
       sparsity=c.prune.sparsity,
       sensitivity=c.prune.sensitivity,
@@ -129,7 +133,7 @@ def _prune_plan(ctx: Context, masks=None) -> StagePlan:
       scope=c.prune.scope,
       sparsity_schedule=sparsity_ramp.cubic(ramp) if ramp else None,
     )
-    return StagePlan("prune", n, tx, fq.quantized, sched)
+    return StagePlan("prune", n, tx, fq.quantized, sched, events=events)
   # Magnitude: pruned weights are exact zeros and keep_pruned holds them there.
   return StagePlan(
     "prune", n, steps_lib.keep_pruned(inner, masks), steps_lib.identity_forward, sched
@@ -165,7 +169,7 @@ def _quant_plan(ctx: Context, masks=None) -> StagePlan:
     if c.quant.alpha_learning_rate > 0
     else optax.set_to_zero()
   )
-  tx = fq.focused_quantization(
+  tx, events = fq.focused_quantization_with_events(
     inner,
     bits=c.quant.bits,
     w_sep=c.quant.w_sep,
@@ -176,7 +180,7 @@ def _quant_plan(ctx: Context, masks=None) -> StagePlan:
     seed=c.seed,
     gmm_iters=c.quant.gmm_iters,
   )
-  return StagePlan("quantize", q.total, tx, fq.quantized, sched)
+  return StagePlan("quantize", q.total, tx, fq.quantized, sched, events=events, learns_alphas=True)
 
 
 def plan_for(ctx: Context, stage: str, masks=None) -> StagePlan:

@@ -223,11 +223,17 @@ class Runner:
     step_fn = steps_lib.jit_train_step(
       input_pipeline.normalizing(
         steps_lib.make_train_step(
-          model, plan.tx, plan.forward, distill=plan.distill, teacher_model=ctx.model
+          model,
+          plan.tx,
+          plan.forward,
+          distill=plan.distill,
+          teacher_model=ctx.model,
+          learns_alphas=plan.learns_alphas,
         )
       ),
       ctx.mesh,
     )
+    step_fn = steps_lib.with_events(step_fn, plan.events, start_step)
     state = steps_lib.TrainState(
       self.carry["params"],
       self.carry["batch_stats"],
@@ -384,7 +390,7 @@ class Runner:
     ctx = self.ctx
     plan = plans.quant_plan(ctx, self.carry.get("masks"))
     if start_step == 0:
-      self.carry["opt_state"] = jax.jit(plan.tx.init)(self.carry["params"])
+      self.carry["opt_state"] = plan.tx.init(self.carry["params"])
       if ctx.quantizes and plan.num_steps and integer_lib.activation_bits(ctx.config):
         self.record.results["activation_scales"] = integer_lib.calibrate(
           ctx, forward_variables(ctx, self.carry)

@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+import fq_jax as fq
 from fq_jax.pipeline import losses
 from fq_jax.pipeline import sharding as sharding_lib
 
@@ -177,6 +178,7 @@ def make_train_step(
   *,
   distill: losses.Distillation | None = None,
   teacher_model: nn.Module | None = None,
+  learns_alphas: bool = False,
 ):
   """The (unjitted) train step of one stage.
 
@@ -189,6 +191,11 @@ def make_train_step(
       `model`) in eval mode (batch norm from its running statistics) inside
       the same step, frozen by stop_gradient.
     teacher_model: the teacher's module (the float network).
+    learns_alphas: the stage is focused quantization: `forward` takes the
+      layers' scales (`forward(params, opt_state, alphas=...)`), the loss is
+      differentiated with respect to them too, and the alpha gradient goes to
+      `tx.update` as `alpha_grads=` (one quantization pass per step: the
+      update does not recompute the quantized values).
 
   Returns:
     `step(state: TrainState, batch) -> (TrainState, metrics)`, metrics the
@@ -205,14 +212,26 @@ def make_train_step(
         teacher_model.apply(state.teacher, batch["image"], train=False)
       )
 
-    def loss_fn(params):
-      variables = _variables(forward(params, state.opt_state), state.batch_stats)
+    def loss_fn(params, alphas=None):
+      forward_params = (
+        forward(params, state.opt_state, alphas=alphas)
+        if learns_alphas
+        else forward(params, state.opt_state)
+      )
+      variables = _variables(forward_params, state.batch_stats)
       logits, updates = model.apply(variables, batch["image"], train=True, mutable=["batch_stats"])
       loss = losses.distillation_loss(logits, teacher_logits, batch["label"], distill)
       return loss, (logits, updates.get("batch_stats", state.batch_stats))
 
-    (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    if learns_alphas:
+      grad_fn = jax.value_and_grad(loss_fn, argnums=(0, 1), has_aux=True)
+      (loss, (logits, batch_stats)), (grads, alpha_grads) = grad_fn(
+        state.params, fq.alphas(state.opt_state)
+      )
+      updates, opt_state = tx.update(grads, state.opt_state, state.params, alpha_grads=alpha_grads)
+    else:
+      (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+      updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     accuracy = jnp.mean(jnp.argmax(logits, -1) == batch["label"])
     new_state = TrainState(params, batch_stats, opt_state, state.teacher)
@@ -259,6 +278,35 @@ def jit_train_step(step, mesh):
     out_shardings=(repl, repl),
     donate_argnums=(0,),
   )
+
+
+def with_events(step, events: fq.ScheduleEvents, count: int):
+  """`step` followed, when the schedule says so, by its events, each as its own call.
+
+  The train step itself holds no control flow; the host counts the updates
+  (from `count`, the updates already made) and, after update n, runs
+  `events.run` for `events.due(n)` (a DNS mask refresh, a mixture refit, an
+  INQ growth). `events.run` is called eagerly: its expensive parts are
+  jitted functions shared with the transform's `init`, so the first refit
+  reuses the mixture fit compiled at the start of the stage.
+
+  Returns:
+    `step(state, batch) -> (state, metrics)`, with a host counter.
+  """
+  if not events.names:
+    return step
+  done = count
+
+  def stepped(state: TrainState, batch):
+    nonlocal done
+    state, metrics = step(state, batch)
+    done += 1
+    due = events.due(done)
+    if due:
+      state = state._replace(opt_state=events.run(state.params, state.opt_state, due))
+    return state, metrics
+
+  return stepped
 
 
 def jit_eval_step(step, mesh):
