@@ -7,10 +7,14 @@ Run by hand (CPU):
 For each model it measures, in a fresh process per tree (no warm caches):
   * init: `focused_quantization(inner, bits=5).init(params)` called eagerly,
     wall time of the first call (compilation dominates; 70%-pruned params);
+  * events (event form only): the first refit + INQ growth after init, called
+    eagerly as the runner does (its compiled pieces are shared with init);
   * plain / fq / dns: lower + compile time of one jitted train step (forward,
     backward, optimizer update) with a plain SGD optimizer, with
     `focused_quantization` (INQ schedule and re-estimation on, as in the
-    paper's fine-tuning) and with `dns_pruning(update_every=1)`.
+    paper's fine-tuning: in a tree with the event form, the event-form step
+    train.py runs, alpha gradient from the forward pass; in an older tree the
+    in-step form) and with `dns_pruning(update_every=1)`.
 With --trees A,B each model is measured under tree A, then tree B (then the
 next model), so that load on a shared machine hits both alike; the load
 average is printed with the results. Wall seconds and process CPU seconds
@@ -52,17 +56,31 @@ def measure(name: str, batch: int) -> dict:
   params = fq.apply_masks(variables["params"], fq.magnitude_masks(variables["params"], 0.7))
   stats = variables.get("batch_stats", {})
   inner = optax.sgd(1e-3, momentum=0.9)
-  txs = {
-    "plain": inner,
-    "fq": fq.focused_quantization(inner, bits=5, schedule=fq.inq_schedule(100)),
-    "dns": fq.dns_pruning(inner, sparsity=0.7, update_every=1),
+  schedule = fq.inq_schedule(100)
+  # The event form (what train.py runs) where the tree has it; older trees: the in-step form.
+  event_form = hasattr(fq, "focused_quantization_with_events")
+  events = None
+  if event_form:
+    fq_tx, events = fq.focused_quantization_with_events(inner, bits=5, schedule=schedule)
+  else:
+    fq_tx = fq.focused_quantization(inner, bits=5, schedule=schedule)
+  txs = {"plain": inner, "fq": fq_tx, "dns": fq.dns_pruning(inner, sparsity=0.7, update_every=1)}
+  out = {
+    "model": name,
+    "fq_jax": os.path.dirname(os.path.dirname(fq.__file__)),
+    "form": "event" if event_form else "in-step",
   }
-  out = {"model": name, "fq_jax": os.path.dirname(os.path.dirname(fq.__file__))}
 
   t, c = time.perf_counter(), time.process_time()
-  jax.block_until_ready(txs["fq"].init(params))
+  fq_state = txs["fq"].init(params)
+  jax.block_until_ready(fq_state)
   out["init"] = time.perf_counter() - t
   out["init_cpu"] = time.process_time() - c
+  if event_form:  # the first refit and INQ growth after init, as the runner calls them
+    t, c = time.perf_counter(), time.process_time()
+    jax.block_until_ready(events.run(params, fq_state, ("refit", "inq")))
+    out["events"] = time.perf_counter() - t
+    out["events_cpu"] = time.process_time() - c
 
   for kind, tx in txs.items():
     use_fq = kind != "plain"
@@ -75,6 +93,21 @@ def measure(name: str, batch: int) -> dict:
         )
         return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean(), new
 
+      if use_fq and event_form and kind == "fq":  # the alpha gradient from the forward pass
+        alphas = fq.alphas(opt_state)
+
+        def loss_alphas(p, a):
+          q = fq.quantized(p, opt_state, alphas=a)
+          logits, new = model.apply(
+            {"params": q, "batch_stats": stats}, x, train=True, mutable=["batch_stats"]
+          )
+          return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean(), new
+
+        (_, new), (grads, alpha_grads) = jax.value_and_grad(
+          loss_alphas, argnums=(0, 1), has_aux=True
+        )(params, alphas)
+        updates, opt_state = tx.update(grads, opt_state, params, alpha_grads=alpha_grads)
+        return optax.apply_updates(params, updates), new["batch_stats"], opt_state
       (_, new), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
       updates, opt_state = tx.update(grads, opt_state, params)
       return optax.apply_updates(params, updates), new["batch_stats"], opt_state
@@ -124,7 +157,8 @@ def main():
       row["load"] = os.getloadavg()[0]
       results.append(row)
       print(
-        f"{row['model']:<15} {row['fq_jax']:<22} wall: init {row['init']:6.1f} plain "
+        f"{row['model']:<15} {row['fq_jax']:<22} {row.get('form', 'in-step'):<8} "
+        f"events {row.get('events', float('nan')):5.1f} wall: init {row['init']:6.1f} plain "
         f"{row['plain']:5.1f} fq {row['fq']:5.1f} ({row['fq/plain']:.2f}x) dns "
         f"{row['dns']:5.1f} ({row['dns/plain']:.2f}x) | cpu: init {row['init_cpu']:6.1f} plain "
         f"{row['plain_cpu']:5.1f} fq {row['fq_cpu']:5.1f} ({row['fq/plain_cpu']:.2f}x) dns "
