@@ -37,7 +37,7 @@ from fq_jax.pipeline import steps as steps_lib  # noqa: E402
 IMAGENET_CONFIGS = ("resnet18", "resnet50", "mobilenet_v1", "mobilenet_v2")
 SIZE, CLASSES, BATCH = 32, 4, 8
 # The few layers the FQ test quantizes (the rest stay float): keeps `init` cheap.
-FQ_RULES = (fq.Rule(pattern=r"^(conv_init|stage1_block0/conv1|head)/kernel$"),)
+FQ_RULES = (fq.Rule(pattern=r"^(conv_init|head)/kernel$"),)
 
 
 @functools.cache
@@ -57,9 +57,23 @@ def _data():
 
 @functools.cache
 def _variables():
-  """Initial variables; the same for every computation dtype (parameters are float32)."""
+  """Initial variables (host-drawn: no init compile); the same for every computation dtype.
+
+  Kernels are He-normal (fan-in), BatchNorm scales 1 and biases 0, statistics (0, 1).
+  """
   x = jnp.zeros((1, SIZE, SIZE, 3), jnp.float32)
-  return jax.jit(lambda: _model("float32").init(jax.random.key(0), x, train=False))()
+  shapes = jax.eval_shape(lambda: _model("float32").init(jax.random.key(0), x, train=False))
+  rng = np.random.default_rng(0)
+
+  def draw(path, leaf):
+    name = jax.tree_util.keystr(path)
+    if leaf.ndim > 1:
+      fan_in = int(np.prod(leaf.shape[:-1]))
+      return rng.normal(0.0, np.sqrt(2.0 / fan_in), leaf.shape).astype(np.float32)
+    one = name.endswith("['scale']") or name.endswith("['var']")
+    return np.full(leaf.shape, 1.0 if one else 0.0, np.float32)
+
+  return jax.tree_util.tree_map_with_path(draw, shapes)
 
 
 def _dtypes(tree) -> set[str]:
@@ -158,7 +172,7 @@ def _bf16_fq_run():
   )
   step = jax.jit(steps_lib.make_train_step(model, tx, fq.quantized))
   losses = []
-  for _ in range(6):
+  for _ in range(4):
     state, metrics = step(state, _data())
     losses.append(float(metrics["loss"]))
   return losses, state
@@ -196,10 +210,10 @@ def test_bf16_training_encodes_the_float32_model(tmp_path):
   assert _fqz_bytes(tmp_path / "c.fqz", via_bf16, host.batch_stats, fq_state) != encoded
   # Decoded weights are exactly the float32 quantized values the forward pass used.
   decoded = fq.load_fqz(tmp_path / "a.fqz").tree()["params"]
-  forward = jax.tree.map(np.asarray, fq.quantized(host.params, host.opt_state))
+  forward = jax.tree.map(np.asarray, jax.jit(fq.quantized)(host.params, host.opt_state))
   for (path, d), f in zip(jax.tree_util.tree_leaves_with_path(decoded), jax.tree.leaves(forward)):
     assert d.dtype == f.dtype == np.float32 and np.array_equal(d, f), fq.path_str(path)
-  for kernel in (forward["conv_init"], forward["stage1_block0"]["conv1"], forward["head"]):
+  for kernel in (forward["conv_init"], forward["head"]):
     assert np.unique(kernel["kernel"]).size <= 2**5 + 1  # 5-bit focused-quantized values
 
 
