@@ -235,6 +235,31 @@ def test_grouped_batch_norm_with_one_group_is_flax_batch_norm():
     np.testing.assert_allclose(a, b, rtol=1e-6)
 
 
+@pytest.mark.parametrize(
+  "model",
+  [
+    imagenet.ResNet((1, 1, 1, 1), imagenet.BasicBlock, CLASSES, bn_groups=4),
+    imagenet.ResNet((1, 1, 1, 1), imagenet.Bottleneck, CLASSES, bn_groups=4),
+    imagenet.MobileNetV1(CLASSES, width=0.25, bn_groups=4),
+    imagenet.MobileNetV2(CLASSES, width=0.25, bn_groups=4),
+  ],
+  ids=["basic", "bottleneck", "mobilenet_v1", "mobilenet_v2"],
+)
+def test_bn_groups_reach_every_batch_norm_in_training(model):
+  x = jnp.zeros((BATCH, SIZE, SIZE, 3), jnp.float32)
+  seen = []
+
+  def record(f, args, kwargs, context):
+    if isinstance(context.module, (nn.BatchNorm, GroupedBatchNorm)):
+      seen.append(type(context.module).__name__)
+    return f(*args, **kwargs)
+
+  with nn.intercept_methods(record):  # tracing only: nothing is compiled
+    _, variables = jax.eval_shape(lambda: model.init_with_output(jax.random.key(0), x, train=True))
+  assert set(seen) == {"GroupedBatchNorm"}
+  assert len(seen) == len(jax.tree.leaves(variables["batch_stats"])) // 2  # mean, var each
+
+
 _PER_DEVICE_SCRIPT = textwrap.dedent(
   """
   import os
