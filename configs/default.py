@@ -28,6 +28,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.name = "digits_cnn"
   c.model.depth = config_dict.placeholder(int)  # contract; cifar_resnet: 6n+2 (None: 20/init_from)
   c.model.dtype = "float32"  # computation dtype; parameters stay float32
+  # BatchNorm training statistics (ImageNet models): "global" over the whole (global)
+  # batch, "per_device" over each device's shard (data-parallel PyTorch without SyncBN).
+  c.model.batch_norm_axis = "global"
 
   c.dataset = ml_collections.ConfigDict()
   c.dataset.name = "digits"  # digits, cifar10, imagenet2012
@@ -42,6 +45,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.init_from = ""  # contract: .npz to start from ("" = random init from seed)
   c.seed = 0  # contract: init, data order, augmentation and FQ sampling
   c.batch_size = 64  # contract: global batch (split over all devices)
+  # When set, replaces batch_size by this times the device count (resolved at start).
+  c.per_device_batch_size = config_dict.placeholder(int)
   c.eval_batch_size = 500
   c.steps_per_epoch = -1  # cap on training batches per epoch (-1: the whole split)
   c.eval_steps = -1  # cap on test batches per evaluation (-1: the whole split)

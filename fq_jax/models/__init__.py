@@ -17,6 +17,7 @@ from typing import Any
 
 import flax.linen as nn
 
+from fq_jax.models.batchnorm import GroupedBatchNorm
 from fq_jax.models.cifar_resnet import (
   CIFAR_RESNET_STAGE_PLANES,
   CifarBasicBlock,
@@ -75,6 +76,8 @@ _REGISTRY: dict[str, ModelEntry] = {
 }
 
 MODEL_NAMES: tuple[str, ...] = tuple(_REGISTRY)
+# Models whose BatchNorm takes `bn_groups` (statistics per block of the batch).
+BN_GROUPED_MODELS: tuple[str, ...] = ("resnet18", "resnet50", "mobilenet_v1", "mobilenet_v2")
 
 
 def _entry(name: str) -> ModelEntry:
@@ -91,7 +94,9 @@ def build(name: str, **kwargs: Any) -> nn.Module:
     name: one of `MODEL_NAMES`: "digits_cnn", "cifar_resnet", "resnet18", "resnet50",
       "mobilenet_v1", "mobilenet_v2".
     **kwargs: module attributes, e.g. `depth=56` for "cifar_resnet", `num_classes`,
-      `dtype=jnp.bfloat16`.
+      `dtype=jnp.bfloat16` (the computation dtype: parameters and batch statistics stay
+      float32, logits are float32), `bn_groups=jax.device_count()` for the ImageNet models
+      (`BN_GROUPED_MODELS`: per-device BatchNorm statistics, see `GroupedBatchNorm`).
 
   Returns:
     The unbound Flax module.
@@ -120,6 +125,7 @@ def integer_graph(name: str) -> IntegerGraph:
 
 
 __all__ = [
+  "BN_GROUPED_MODELS",
   "CIFAR_RESNET_STAGE_PLANES",
   "MOBILENET_V1_BLOCKS",
   "MOBILENET_V2_SETTINGS",
@@ -133,6 +139,7 @@ __all__ = [
   "CifarBasicBlock",
   "CifarResNet",
   "DigitsCNN",
+  "GroupedBatchNorm",
   "MobileNetV1",
   "MobileNetV2",
   "ResNet",

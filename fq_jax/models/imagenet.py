@@ -6,9 +6,12 @@ the bottleneck); MobileNet-V1 (Howard et al. 2017) 4,231,976; torchvision Mobile
 3,504,872). All convolutions use explicit symmetric padding `k // 2` as in PyTorch, not
 Flax's 'SAME', whose stride-2 padding is asymmetric.
 
-Every model takes `dtype` for the computation (e.g. `jnp.bfloat16`); parameters and batch
-statistics stay float32 and logits are returned as float32 so that losses are computed in full
-precision.
+Every model takes `dtype` for the computation (e.g. `jnp.bfloat16`: activations and
+convolutions in bfloat16, the float32 kernels cast inside each layer); parameters
+(`param_dtype` float32) and batch statistics stay float32, the statistics are reduced in
+float32, and logits are returned as float32 so that losses are computed in full precision.
+`bn_groups` > 1 computes each BatchNorm's training statistics per block of the batch
+(`fq_jax.models.batchnorm.GroupedBatchNorm`: per-device statistics under data parallelism).
 
 Dropout: the reference MobileNets apply dropout before the classifier (V1: 1e-3 in Keras,
 V2: 0.2 in torchvision). It is exposed as `dropout_rate` with default 0.0 so that models can
@@ -24,6 +27,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from fq_jax.models.batchnorm import GroupedBatchNorm
 from fq_jax.models.graph import IntegerOps
 
 BN_EPSILON = 1e-5
@@ -63,17 +67,35 @@ def _conv(
     use_bias=False,
     kernel_init=_conv_init,
     dtype=dtype,
+    param_dtype=jnp.float32,
     name=name,
   )
 
 
-def _bn(train: bool, name: str, dtype: Any, zero_init: bool = False) -> nn.BatchNorm:
+def _bn(train: bool, name: str, dtype: Any, groups: int, zero_init: bool = False) -> nn.Module:
+  """BatchNorm: over the whole batch (`groups` 1), or per group of `groups` equal row blocks.
+
+  In evaluation both normalize with the running averages, so `nn.BatchNorm` (the same
+  variables) serves there: the integer path recognizes it.
+  """
+  scale_init = nn.initializers.zeros if zero_init else nn.initializers.ones
+  if groups > 1 and train:
+    return GroupedBatchNorm(
+      groups=groups,
+      use_running_average=not train,
+      momentum=BN_MOMENTUM,
+      epsilon=BN_EPSILON,
+      dtype=dtype,
+      scale_init=scale_init,
+      name=name,
+    )
   return nn.BatchNorm(
     use_running_average=not train,
     momentum=BN_MOMENTUM,
     epsilon=BN_EPSILON,
     dtype=dtype,
-    scale_init=nn.initializers.zeros if zero_init else nn.initializers.ones,
+    param_dtype=jnp.float32,
+    scale_init=scale_init,
     name=name,
   )
 
@@ -91,12 +113,15 @@ class BasicBlock(nn.Module):
     stride: stride of the first conv and of the projection shortcut.
     zero_init_residual: initialize the last BN scale to zero (Goyal et al. 2017).
     dtype: computation dtype.
+    bn_groups: BatchNorm statistics per this many equal blocks of the batch (see
+      `GroupedBatchNorm`; 1: over the whole batch).
   """
 
   planes: int
   stride: int = 1
   zero_init_residual: bool = False
   dtype: Any = jnp.float32
+  bn_groups: int = 1
 
   expansion = 1
 
@@ -104,10 +129,10 @@ class BasicBlock(nn.Module):
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
     """Applies the block to NHWC `x`; returns NHWC with `planes` channels."""
     y = _conv(self.planes, 3, self.stride, "conv1", self.dtype)(x)
-    y = nn.relu(_bn(train, "bn1", self.dtype)(y))
+    y = nn.relu(_bn(train, "bn1", self.dtype, self.bn_groups)(y))
     y = _conv(self.planes, 3, 1, "conv2", self.dtype)(y)
-    y = _bn(train, "bn2", self.dtype, self.zero_init_residual)(y)
-    return nn.relu(y + _shortcut(x, self.planes, self.stride, train, self.dtype))
+    y = _bn(train, "bn2", self.dtype, self.bn_groups, self.zero_init_residual)(y)
+    return nn.relu(y + _shortcut(x, self.planes, self.stride, train, self.dtype, self.bn_groups))
 
 
 class Bottleneck(nn.Module):
@@ -118,12 +143,15 @@ class Bottleneck(nn.Module):
     stride: stride of the 3x3 conv and of the projection shortcut.
     zero_init_residual: initialize the last BN scale to zero.
     dtype: computation dtype.
+    bn_groups: BatchNorm statistics per this many equal blocks of the batch (see
+      `GroupedBatchNorm`; 1: over the whole batch).
   """
 
   planes: int
   stride: int = 1
   zero_init_residual: bool = False
   dtype: Any = jnp.float32
+  bn_groups: int = 1
 
   expansion = 4
 
@@ -132,21 +160,23 @@ class Bottleneck(nn.Module):
     """Applies the block to NHWC `x`; returns NHWC with `4 * planes` channels."""
     out = self.planes * self.expansion
     y = _conv(self.planes, 1, 1, "conv1", self.dtype)(x)
-    y = nn.relu(_bn(train, "bn1", self.dtype)(y))
+    y = nn.relu(_bn(train, "bn1", self.dtype, self.bn_groups)(y))
     y = _conv(self.planes, 3, self.stride, "conv2", self.dtype)(y)
-    y = nn.relu(_bn(train, "bn2", self.dtype)(y))
+    y = nn.relu(_bn(train, "bn2", self.dtype, self.bn_groups)(y))
     y = _conv(out, 1, 1, "conv3", self.dtype)(y)
-    y = _bn(train, "bn3", self.dtype, self.zero_init_residual)(y)
-    return nn.relu(y + _shortcut(x, out, self.stride, train, self.dtype))
+    y = _bn(train, "bn3", self.dtype, self.bn_groups, self.zero_init_residual)(y)
+    return nn.relu(y + _shortcut(x, out, self.stride, train, self.dtype, self.bn_groups))
 
 
-def _shortcut(x: jax.Array, features: int, stride: int, train: bool, dtype: Any) -> jax.Array:
+def _shortcut(
+  x: jax.Array, features: int, stride: int, train: bool, dtype: Any, groups: int
+) -> jax.Array:
   # Called from inside a compact __call__, so the submodules below are named within the
   # calling block ("downsample_conv", "downsample_bn"), as torchvision's downsample.0/.1.
   if stride == 1 and x.shape[-1] == features:
     return x
   x = _conv(features, 1, stride, "downsample_conv", dtype)(x)
-  return _bn(train, "downsample_bn", dtype)(x)
+  return _bn(train, "downsample_bn", dtype, groups)(x)
 
 
 class ResNet(nn.Module):
@@ -161,6 +191,8 @@ class ResNet(nn.Module):
     num_classes: classifier size.
     zero_init_residual: zero-initialize the last BN scale of every block.
     dtype: computation dtype.
+    bn_groups: BatchNorm statistics per this many equal blocks of the batch (see
+      `GroupedBatchNorm`; 1: over the whole batch).
   """
 
   stage_sizes: Sequence[int]
@@ -168,6 +200,7 @@ class ResNet(nn.Module):
   num_classes: int = 1000
   zero_init_residual: bool = False
   dtype: Any = jnp.float32
+  bn_groups: int = 1
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
@@ -182,7 +215,7 @@ class ResNet(nn.Module):
     """
     x = jnp.asarray(x, self.dtype)
     x = _conv(RESNET_STEM, 7, 2, "conv_init", self.dtype)(x)
-    x = nn.relu(_bn(train, "bn_init", self.dtype)(x))
+    x = nn.relu(_bn(train, "bn_init", self.dtype, self.bn_groups)(x))
     # max_pool pads with -inf, matching PyTorch's MaxPool2d(3, 2, padding=1).
     x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
     for s, (num_blocks, planes) in enumerate(
@@ -195,6 +228,7 @@ class ResNet(nn.Module):
           stride,
           zero_init_residual=self.zero_init_residual,
           dtype=self.dtype,
+          bn_groups=self.bn_groups,
           name=f"stage{s}_block{b}",
         )(x, train)
     x = jnp.mean(x, axis=(1, 2))
@@ -266,12 +300,15 @@ class MobileNetV1(nn.Module):
     dropout_rate: dropout before the classifier (reference: 1e-3); needs a 'dropout' RNG
       in training when > 0.
     dtype: computation dtype.
+    bn_groups: BatchNorm statistics per this many equal blocks of the batch (see
+      `GroupedBatchNorm`; 1: over the whole batch).
   """
 
   num_classes: int = 1000
   width: float = 1.0
   dropout_rate: float = 0.0
   dtype: Any = jnp.float32
+  bn_groups: int = 1
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
@@ -286,11 +323,11 @@ class MobileNetV1(nn.Module):
     """
     x = jnp.asarray(x, self.dtype)
     x = _conv(int(MOBILENET_STEM * self.width), 3, 2, "conv_init", self.dtype)(x)
-    x = nn.relu(_bn(train, "bn_init", self.dtype)(x))
+    x = nn.relu(_bn(train, "bn_init", self.dtype, self.bn_groups)(x))
     for i, (channels, stride) in enumerate(MOBILENET_V1_BLOCKS):
-      x = _SeparableBlock(int(channels * self.width), stride, dtype=self.dtype, name=f"block{i}")(
-        x, train
-      )
+      x = _SeparableBlock(
+        int(channels * self.width), stride, self.dtype, self.bn_groups, name=f"block{i}"
+      )(x, train)
     x = jnp.mean(x, axis=(1, 2))
     x = nn.Dropout(self.dropout_rate, deterministic=not train or self.dropout_rate == 0.0)(x)
     x = nn.Dense(self.num_classes, dtype=self.dtype, name="head")(x)
@@ -303,14 +340,15 @@ class _SeparableBlock(nn.Module):
   features: int
   stride: int
   dtype: Any = jnp.float32
+  bn_groups: int = 1
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
     channels = x.shape[-1]
     x = _conv(channels, 3, self.stride, "dw_conv", self.dtype, groups=channels)(x)
-    x = nn.relu(_bn(train, "dw_bn", self.dtype)(x))
+    x = nn.relu(_bn(train, "dw_bn", self.dtype, self.bn_groups)(x))
     x = _conv(self.features, 1, 1, "pw_conv", self.dtype)(x)
-    return nn.relu(_bn(train, "pw_bn", self.dtype)(x))
+    return nn.relu(_bn(train, "pw_bn", self.dtype, self.bn_groups)(x))
 
 
 # (expansion t, output channels c, repeats n, first stride s) of MobileNet-V2.
@@ -327,6 +365,7 @@ class _InvertedResidual(nn.Module):
   stride: int
   expand_ratio: int
   dtype: Any = jnp.float32
+  bn_groups: int = 1
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
@@ -335,11 +374,11 @@ class _InvertedResidual(nn.Module):
     y = x
     if self.expand_ratio != 1:
       y = _conv(hidden, 1, 1, "expand_conv", self.dtype)(y)
-      y = nn.relu6(_bn(train, "expand_bn", self.dtype)(y))
+      y = nn.relu6(_bn(train, "expand_bn", self.dtype, self.bn_groups)(y))
     y = _conv(hidden, 3, self.stride, "dw_conv", self.dtype, groups=hidden)(y)
-    y = nn.relu6(_bn(train, "dw_bn", self.dtype)(y))
+    y = nn.relu6(_bn(train, "dw_bn", self.dtype, self.bn_groups)(y))
     y = _conv(self.features, 1, 1, "project_conv", self.dtype)(y)
-    y = _bn(train, "project_bn", self.dtype)(y)  # linear bottleneck: no activation
+    y = _bn(train, "project_bn", self.dtype, self.bn_groups)(y)  # linear bottleneck: no activation
     if self.stride == 1 and inp == self.features:
       y = y + x
     return y
@@ -358,12 +397,15 @@ class MobileNetV2(nn.Module):
     dropout_rate: dropout before the classifier (torchvision: 0.2); needs a 'dropout' RNG
       in training when > 0.
     dtype: computation dtype.
+    bn_groups: BatchNorm statistics per this many equal blocks of the batch (see
+      `GroupedBatchNorm`; 1: over the whole batch).
   """
 
   num_classes: int = 1000
   width: float = 1.0
   dropout_rate: float = 0.0
   dtype: Any = jnp.float32
+  bn_groups: int = 1
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
@@ -378,17 +420,22 @@ class MobileNetV2(nn.Module):
     """
     x = jnp.asarray(x, self.dtype)
     x = _conv(_make_divisible(MOBILENET_STEM * self.width), 3, 2, "conv_init", self.dtype)(x)
-    x = nn.relu6(_bn(train, "bn_init", self.dtype)(x))
+    x = nn.relu6(_bn(train, "bn_init", self.dtype, self.bn_groups)(x))
     i = 0
     for t, c, n, s in MOBILENET_V2_SETTINGS:
       for r in range(n):
         x = _InvertedResidual(
-          _make_divisible(c * self.width), s if r == 0 else 1, t, dtype=self.dtype, name=f"block{i}"
+          _make_divisible(c * self.width),
+          s if r == 0 else 1,
+          t,
+          dtype=self.dtype,
+          bn_groups=self.bn_groups,
+          name=f"block{i}",
         )(x, train)
         i += 1
     last = _make_divisible(MOBILENET_V2_LAST * max(1.0, self.width))
     x = _conv(last, 1, 1, "conv_last", self.dtype)(x)
-    x = nn.relu6(_bn(train, "bn_last", self.dtype)(x))
+    x = nn.relu6(_bn(train, "bn_last", self.dtype, self.bn_groups)(x))
     x = jnp.mean(x, axis=(1, 2))
     x = nn.Dropout(self.dropout_rate, deterministic=not train or self.dropout_rate == 0.0)(x)
     x = nn.Dense(

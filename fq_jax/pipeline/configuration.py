@@ -226,6 +226,13 @@ def _validate_model_and_data(c) -> None:
       f"must be 6n+2 (20, 32, 44, 56, 110, ...), got {c.model.depth}",
     )
   _check_choice(c.model.dtype, "model.dtype", ("float32", "bfloat16", "float16"), "dtype")
+  bn = c.model.get("batch_norm_axis", "global")
+  _check_choice(bn, "model.batch_norm_axis", ("global", "per_device"), "batch-norm axis")
+  ok = bn == "global" or c.model.name in models_lib.BN_GROUPED_MODELS
+  _check(ok, "model.batch_norm_axis", f"per_device is not supported by {c.model.name!r}")
+  per_device = c.get("per_device_batch_size")
+  if per_device is not None:
+    _check_positive_int(per_device, "per_device_batch_size")
   _check_choice(c.dataset.name, "dataset.name", DATASET_NAMES, "dataset")
   if c.init_from:
     _check(os.path.isfile(c.init_from), "init_from", f"file not found: {c.init_from}")

@@ -150,6 +150,32 @@ def _check_structure(variables, abstract, path: str) -> None:
     raise ConfigError("init_from", f"{path} does not match the model's variables")
 
 
+def build_model(config, num_classes: int, mesh: jax.sharding.Mesh, *, depth: int | None = None):
+  """The run's Flax model: `model.name` at the computation dtype `model.dtype`.
+
+  Parameters, optimizer state and batch statistics stay float32 whatever the dtype (the
+  models keep `param_dtype` float32 and return float32 logits). With
+  `model.batch_norm_axis` "per_device", BatchNorm statistics are those of each device's
+  shard of the batch (`bn_groups` = the mesh's device count).
+
+  Args:
+    config: the validated config.
+    num_classes: classifier size (the dataset's).
+    mesh: the device mesh.
+    depth: cifar_resnet's depth (None: 20).
+
+  Returns:
+    The unbound module.
+  """
+  name = config.model.name
+  kwargs: dict[str, Any] = dict(num_classes=num_classes, dtype=_DTYPES[config.model.dtype])
+  if name == "cifar_resnet":
+    kwargs["depth"] = depth or 20
+  if config.model.get("batch_norm_axis", "global") == "per_device" and mesh.devices.size > 1:
+    kwargs["bn_groups"] = int(mesh.devices.size)
+  return models_lib.get_model(name, **kwargs)
+
+
 def make_context(config, workdir: str, *, mesh=None, log: Log = print) -> Context:
   """Validates the config and the workdir; builds the model, data source, mesh and rules.
 
@@ -159,6 +185,9 @@ def make_context(config, workdir: str, *, mesh=None, log: Log = print) -> Contex
   cfg.validate(config)
   cfg.check_workdir(workdir)
   mesh = sharding_lib.make_mesh() if mesh is None else mesh
+  if config.get("per_device_batch_size") is not None:
+    # Learning rates derived from batch_size (configs/imagenet_common.py) follow it.
+    config.batch_size = config.per_device_batch_size * mesh.devices.size
   for key in ("batch_size", "eval_batch_size"):
     try:
       sharding_lib.check_batch_size(config[key], mesh, key)
@@ -167,15 +196,12 @@ def make_context(config, workdir: str, *, mesh=None, log: Log = print) -> Contex
   source = input_pipeline.make_source(config)
   name = config.model.name
   depth, init_vars = _load_init(config, name)
-  kwargs: dict[str, Any] = dict(num_classes=source.num_classes, dtype=_DTYPES[config.model.dtype])
-  if name == "cifar_resnet":
-    kwargs["depth"] = depth or 20
-  model = models_lib.get_model(name, **kwargs)
+  model = build_model(config, source.num_classes, mesh, depth=depth)
   ctx = Context(
     config=config,
     workdir=workdir,
     model=model,
-    model_name=f"{name}-{kwargs['depth']}" if name == "cifar_resnet" else name,
+    model_name=f"{name}-{model.depth}" if name == "cifar_resnet" else name,
     source=source,
     mesh=mesh,
     rules=(),
