@@ -278,14 +278,22 @@ def forward_variables(ctx: Context, carry: dict[str, Any]) -> dict[str, Any]:
 
 
 def evaluate(ctx: Context, variables: dict[str, Any], model=None) -> dict[str, float]:
-  """Test-split loss, top-1 (and top-5) accuracy of `variables` (with `model`, default ctx.model)."""
+  """Test-split loss, top-1 (and top-5) accuracy of `variables` (with `model`, default ctx.model).
+
+  The default model is evaluated in float32 even when it trains in bf16
+  (`model.dtype`): the reported accuracies are those of the float32 network the
+  `.fqz` holds, which `fq-jax evaluate` reproduces.
+  """
 
   def jitted(m):
     step = steps_lib.make_eval_step(m, ctx.top5)
     return steps_lib.jit_eval_step(input_pipeline.normalizing(step), ctx.mesh)
 
   if ctx._eval_step is None:
-    ctx._eval_step = jitted(ctx.model)
+    float32_model = ctx.model
+    if getattr(ctx.model, "dtype", jnp.float32) != jnp.float32:
+      float32_model = ctx.model.clone(dtype=jnp.float32)
+    ctx._eval_step = jitted(float32_model)
   eval_step = ctx._eval_step if model is None else jitted(model)
   variables = sharding_lib.put_replicated(variables, ctx.mesh)
   bs = sharding_lib.batch_sharding(ctx.mesh)
