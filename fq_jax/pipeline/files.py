@@ -62,7 +62,3 @@ def write(path: str | os.PathLike, data: bytes | str) -> None:
     data = data.encode("utf-8")
   epath.Path(path).write_bytes(data)
 
-
-def size(path: str | os.PathLike) -> int:
-  """Bytes of the file at `path`."""
-  return int(epath.Path(path).stat().length)
