@@ -61,4 +61,3 @@ def write(path: str | os.PathLike, data: bytes | str) -> None:
   if isinstance(data, str):
     data = data.encode("utf-8")
   epath.Path(path).write_bytes(data)
-

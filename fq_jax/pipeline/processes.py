@@ -66,7 +66,10 @@ class PreemptionWatch:
     if self.distributed:
       from jax.experimental import multihost_utils
 
-      return multihost_utils.reached_preemption_sync_point(global_step)
+      try:
+        return multihost_utils.reached_preemption_sync_point(global_step)
+      except RuntimeError:  # jax_enable_preemption_service is off: no preemption notices
+        return False
     return self.requested
 
 
