@@ -9,8 +9,18 @@ Rerunning the same command resumes from the newest intact checkpoint in
 stops with a one-line `error: <key>: ...`. A stage length given on the
 command line in one unit replaces the config file's length in the other
 (`--config.prune.steps=100` clears the file's `prune.epochs`); docs/pipeline.md
-lists every key. Multi-host: pass
---distributed (or set FQ_JAX_DISTRIBUTED=1) to call jax.distributed.initialize().
+lists every key.
+
+Multi-host: start the same command on every host with
+--coordinator=HOST:PORT --num_processes=N --process_id=I (I = 0..N-1; the
+coordinator is process 0's address), or pass --distributed (or set
+FQ_JAX_DISTRIBUTED=1) to let jax.distributed.initialize() find the cluster
+itself (SLURM, Cloud TPU, JAX_COORDINATOR_ADDRESS, ...). Only process 0 writes
+report.json, metrics.csv, TensorBoard events and model.fqz; all write the
+Orbax checkpoints together.
+
+Preemption: SIGTERM makes every process save a checkpoint at the same step
+and exit with code 75 (EX_TEMPFAIL: run the same command again to resume).
 """
 
 import os
@@ -27,6 +37,11 @@ flags.DEFINE_string("workdir", None, "Output folder (default: workdir/<config na
 flags.DEFINE_bool(
   "distributed", None, "Call jax.distributed.initialize() (default: $FQ_JAX_DISTRIBUTED)."
 )
+flags.DEFINE_string(
+  "coordinator", None, "Multi-host: process 0's HOST:PORT (with --num_processes, --process_id)."
+)
+flags.DEFINE_integer("num_processes", None, "Multi-host: number of processes.")
+flags.DEFINE_integer("process_id", None, "Multi-host: this process's index, 0..num_processes-1.")
 flags.DEFINE_string(
   "jax_cache_dir",
   os.environ.get("FQ_JAX_COMPILATION_CACHE", ""),
@@ -82,8 +97,19 @@ def main(argv):
   import jax
 
   from fq_jax.pipeline import ConfigError, sharding, train_lib
+  from fq_jax.pipeline.processes import Preempted
 
-  sharding.initialize_distributed(FLAGS.distributed)
+  if FLAGS.coordinator or FLAGS.num_processes is not None or FLAGS.process_id is not None:
+    given = (FLAGS.coordinator, FLAGS.num_processes, FLAGS.process_id)
+    if None in given:
+      sys.exit("error: --coordinator, --num_processes and --process_id go together")
+    jax.distributed.initialize(
+      coordinator_address=FLAGS.coordinator,
+      num_processes=FLAGS.num_processes,
+      process_id=FLAGS.process_id,
+    )
+  else:
+    sharding.initialize_distributed(FLAGS.distributed)
   if FLAGS.jax_cache_dir:
     jax.config.update("jax_compilation_cache_dir", FLAGS.jax_cache_dir)
   config_path = config_flags.get_config_filename(FLAGS["config"])
@@ -104,6 +130,9 @@ def main(argv):
     sys.exit(f"error: {e}")
   except FileNotFoundError as e:
     sys.exit(f"error: {e}")
+  except Preempted as e:
+    print(e, flush=True)
+    sys.exit(Preempted.EXIT_CODE)
 
 
 if __name__ == "__main__":

@@ -136,6 +136,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.checkpoint_every_steps = 0  # 0: only at stage ends
   c.max_checkpoints = 2
   c.async_checkpointing = True
-  c.log_every = 20  # progress-bar refresh of loss/accuracy, in steps
+  c.log_every = 20  # steps between log lines (or progress-bar updates): loss, images/s, ETA
+  c.tensorboard = True  # event files next to metrics.csv (first process)
   c.progress_bar = True
   return c

@@ -16,9 +16,8 @@ import jax
 import numpy as np
 
 import fq_jax as fq
-from fq_jax.codec import atomic
+from fq_jax.pipeline import files, plans
 from fq_jax.pipeline import integer as integer_lib
-from fq_jax.pipeline import plans
 from fq_jax.pipeline.context import Context, accuracy_fields, evaluate, requested_sparsity, to_host
 
 
@@ -108,9 +107,17 @@ def _compression_state(ctx: Context, carry: dict[str, Any], params):
 
 
 def _write(ctx: Context, folder: str, variables, state, scales) -> dict[str, Any]:
+  """`write_artifact` into `folder/model.fqz`; a remote folder gets a copy of a local file."""
   metadata = integer_lib.metadata(ctx, scales).to_json()
-  path = os.path.join(folder, "model.fqz")
-  return write_artifact(path, variables, state, coder=ctx.config.encode.coder, metadata=metadata)
+  kwargs = dict(coder=ctx.config.encode.coder, metadata=metadata)
+  if files.is_local(folder):
+    return write_artifact(os.path.join(folder, "model.fqz"), variables, state, **kwargs)
+  with tempfile.TemporaryDirectory() as local:
+    path = os.path.join(local, "model.fqz")
+    real = write_artifact(path, variables, state, **kwargs)
+    with open(path, "rb") as f:
+      files.write(files.join(folder, "model.fqz"), f.read())
+  return real
 
 
 def encode(
@@ -189,10 +196,10 @@ def make_report(
 
 
 def write_report(ctx: Context, report: dict[str, Any]) -> None:
-  """Writes workdir/report.json atomically (first host) and logs the summary."""
+  """Writes workdir/report.json whole (first process only) and logs the summary."""
   if ctx.is_main:
     text = json.dumps(_jsonable(report), indent=1)
-    atomic.atomic_write(os.path.join(ctx.workdir, "report.json"), text)
+    files.write(files.join(ctx.workdir, "report.json"), text)
   ctx.log(summary(report))
 
 

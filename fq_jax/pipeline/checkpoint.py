@@ -11,20 +11,32 @@ the pipeline can always reconstruct from the config. Restored arrays are
 exactly the saved ones, so a resumed run reproduces an uninterrupted one bit
 for bit.
 
+Checkpoint ids are global step numbers: the number of optimizer updates of
+all stages before the saved position (the runner's `global_step`), so
+`checkpoints/1500` holds the run after its 1500th update. Two positions with
+the same global step (a stage of zero length between them) keep the first.
+
 A checkpoint that cannot be read back (garbled bytes, a missing `meta/` or
 `state/`, an empty stray folder) raises `DamagedCheckpoint`; the runner then
 sets it aside (`set_aside`) and falls back to the next older one.
+
+Multi-host: every process saves and restores together (Orbax writes each
+array once, from the process that owns it, and the JSON record from process
+0); only process 0 moves a damaged checkpoint, and every process waits for it.
+The folder may be remote (`gs://...`): paths go through `etils.epath`.
 """
 
 from __future__ import annotations
 
-import os
 import shutil
 import time
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+from etils import epath
+
+from fq_jax.pipeline import files, processes
 
 META_ITEM = "meta"
 STATE_ITEM = "state"
@@ -66,18 +78,18 @@ def _reason(e: BaseException) -> str:
 
 
 class Checkpoints:
-  """A `CheckpointManager` of (state arrays, meta JSON) pairs with increasing ids."""
+  """A `CheckpointManager` of (state arrays, meta JSON) pairs keyed by increasing global steps."""
 
   def __init__(self, directory: str, *, max_to_keep: int = 2, async_save: bool = True):
-    self.directory = os.path.abspath(directory)
+    self.directory = files.absolute(directory)
     options = ocp.CheckpointManagerOptions(
       max_to_keep=max_to_keep,
       create=True,
       enable_async_checkpointing=async_save,
       cleanup_tmp_directories=True,
     )
-    self.manager = ocp.CheckpointManager(self.directory, options=options)
-    self._next = (self.latest() or 0) + 1
+    self.manager = ocp.CheckpointManager(epath.Path(self.directory), options=options)
+    self._last = self.latest()
 
   def latest(self) -> int | None:
     """The id of the newest complete checkpoint (None when there is none)."""
@@ -88,14 +100,24 @@ class Checkpoints:
     return sorted(self.manager.all_steps(), reverse=True)
 
   def set_aside(self, step: int) -> str:
-    """Moves checkpoint `step` to `../damaged_checkpoints/` (kept for inspection); returns where."""
+    """Moves checkpoint `step` to `../damaged_checkpoints/` (kept for inspection); returns where.
+
+    Process 0 moves it; every process waits for the move and rereads the folder.
+    """
     self.wait()
-    target_dir = os.path.join(os.path.dirname(self.directory), DAMAGED_FOLDER)
-    os.makedirs(target_dir, exist_ok=True)
-    target = os.path.join(target_dir, f"{step}-{time.strftime('%Y%m%d-%H%M%S')}")
-    shutil.move(os.path.join(self.directory, str(step)), target)
+    target_dir = epath.Path(self.directory).parent / DAMAGED_FOLDER
+    target = target_dir / f"{step}-{time.strftime('%Y%m%d-%H%M%S')}"
+    if jax.process_index() == 0:
+      target_dir.mkdir(parents=True, exist_ok=True)
+      source = epath.Path(self.directory) / str(step)
+      if files.is_local(self.directory):
+        shutil.move(source, target)
+      else:
+        source.rename(target)
+    processes.sync_processes(f"fq_jax_set_aside_{step}")
     self.manager.reload()
-    return target
+    self._last = self.latest()
+    return str(target)
 
   def meta(self, step: int) -> dict[str, Any]:
     """The JSON record of checkpoint `step`.
@@ -103,7 +125,7 @@ class Checkpoints:
     Raises:
       DamagedCheckpoint: when it cannot be read or is not a JSON object.
     """
-    if not os.path.isdir(os.path.join(self.directory, str(step), META_ITEM)):
+    if not files.is_dir(files.join(self.directory, str(step), META_ITEM)):
       raise DamagedCheckpoint(step, f"no {META_ITEM}/ folder")
     try:
       out = self.manager.restore(
@@ -116,10 +138,16 @@ class Checkpoints:
       raise DamagedCheckpoint(step, f"{META_ITEM} is not a JSON object")
     return dict(meta)
 
-  def save(self, state: dict[str, Any], meta: dict[str, Any]) -> int:
-    """Saves `state` ({name: pytree}) and `meta`; returns the new id."""
-    step = self._next
-    self._next += 1
+  def save(self, step: int, state: dict[str, Any], meta: dict[str, Any]) -> bool:
+    """Saves `state` ({name: pytree}) and `meta` as checkpoint `step` (a global step).
+
+    Returns:
+      Whether it saved: a step not above the newest checkpoint's is skipped
+      (that one holds the same updates).
+    """
+    if self._last is not None and step <= self._last:
+      return False
+    self._last = step
     self.manager.save(
       step,
       args=ocp.args.Composite(
@@ -128,8 +156,9 @@ class Checkpoints:
           META_ITEM: ocp.args.JsonSave(meta),
         }
       ),
+      force=True,
     )
-    return step
+    return True
 
   def restore(self, step: int, abstract: dict[str, Any]) -> dict[str, Any]:
     """Restores checkpoint `step` into trees shaped like `abstract`.
@@ -146,7 +175,7 @@ class Checkpoints:
       DamagedCheckpoint: when the arrays cannot be read back.
     """
     target = flatten_state(abstract)
-    if target and not os.path.isdir(os.path.join(self.directory, str(step), STATE_ITEM)):
+    if target and not files.is_dir(files.join(self.directory, str(step), STATE_ITEM)):
       raise DamagedCheckpoint(step, f"no {STATE_ITEM}/ folder")
     try:
       out = self.manager.restore(

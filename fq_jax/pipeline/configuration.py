@@ -68,6 +68,7 @@ VOLATILE_KEYS = (
   "checkpoint_every_steps",
   "max_checkpoints",
   "async_checkpointing",
+  "tensorboard",
   "jax_cache_dir",
   "dataset.num_workers",  # the batches do not depend on it
 )
@@ -412,7 +413,12 @@ def check_workdir(workdir: str) -> None:
   Raises:
     ConfigError: (key "workdir") for a regular file, a folder that cannot be
       created, or one that is not writable.
+  A remote workdir (`gs://...`, through `etils.epath`) gets the same checks:
+  any failure to reach, create or write it is one line.
   """
+  if "://" in workdir:
+    _check_remote_workdir(workdir)
+    return
   if os.path.exists(workdir) and not os.path.isdir(workdir):
     raise ConfigError("workdir", f"{workdir} is not a folder")
   try:
@@ -423,6 +429,21 @@ def check_workdir(workdir: str) -> None:
     os.unlink(probe)
   except OSError as e:
     raise ConfigError("workdir", f"cannot write to {workdir}: {e.strerror or e}") from None
+
+
+def _check_remote_workdir(workdir: str) -> None:
+  from etils import epath
+
+  try:
+    folder = epath.Path(workdir)
+    folder.mkdir(parents=True, exist_ok=True)
+    probe = folder / f".write-test-{jax.process_index()}-{os.getpid()}"
+    probe.write_bytes(b"")
+    probe.unlink()
+  except Exception as e:  # noqa: BLE001 - each file system backend raises its own types
+    first = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
+    reason = f"{type(e).__name__}: {first}" if first else type(e).__name__
+    raise ConfigError("workdir", f"cannot write to {workdir}: {reason}") from None
 
 
 # ----------------------------------------------------------------------------

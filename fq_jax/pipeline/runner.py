@@ -1,4 +1,4 @@
-"""The loop of a run: stages in order, checkpoints at every stage end, resumption.
+"""The loop of a run: stages in order, checkpoints at every stage end, resumption, preemption.
 
 `Runner` owns the I/O edges of a run (checkpoints, metrics.csv, progress,
 logs); the pure pieces come from `plans` (what each stage trains) and
@@ -10,14 +10,24 @@ command again restores the newest intact checkpoint and continues (a damaged
 one is reported, moved to `workdir/damaged_checkpoints/` and skipped);
 because data order, augmentation, initialisation and the FQ sampling are
 functions of the seed and the position only, the final report is identical to
-that of an uninterrupted run.
+that of an uninterrupted run. Checkpoint ids are global steps (`global_step`:
+updates of all stages so far); the position record says the stage and the
+step within it.
+
+Multi-host: process 0 picks the checkpoint to restore and broadcasts its id;
+a checkpoint that fails to restore on any process is set aside on all, so
+every process resumes from the same step.
+
+Preemption: on SIGTERM the run saves a checkpoint at the current step and
+raises `Preempted` (train.py exits with `Preempted.EXIT_CODE`); on several
+processes JAX's preemption service makes them agree on the step
+(`multihost_utils.reached_preemption_sync_point`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-import os
 import time
 from typing import Any
 
@@ -28,7 +38,7 @@ import fq_jax as fq
 from fq_jax.pipeline import artifact as artifact_lib
 from fq_jax.pipeline import checkpoint as checkpoint_lib
 from fq_jax.pipeline import configuration as cfg
-from fq_jax.pipeline import input_pipeline, plans
+from fq_jax.pipeline import files, input_pipeline, plans, processes
 from fq_jax.pipeline import integer as integer_lib
 from fq_jax.pipeline import metrics as metrics_lib
 from fq_jax.pipeline import sharding as sharding_lib
@@ -54,6 +64,16 @@ EPOCH_OFFSET = {"dense": 0, "prune": 100_000, "quantize": 200_000}
 # ----------------------------------------------------------------------------
 # Checkpoint positions
 # ----------------------------------------------------------------------------
+
+
+def stage_offsets(ctx: Context) -> dict[str, int]:
+  """{stage: updates of all earlier stages}; "evaluate" maps to the run's total."""
+  steps = cfg.stage_steps(ctx.config, ctx.steps_per_epoch)
+  out, total = {}, 0
+  for stage in cfg.STAGES:
+    out[stage] = total
+    total += steps.get(stage, 0)
+  return out
 
 
 def _replicated_abstract(tree, mesh):
@@ -102,9 +122,9 @@ class RunRecord:
   results: dict[str, Any] = dataclasses.field(default_factory=dict)
   seconds: dict[str, float] = dataclasses.field(default_factory=dict)
 
-  def to_json(self, config_dict) -> dict[str, Any]:
+  def to_json(self, config_dict, global_step: int) -> dict[str, Any]:
     return {
-      "position": {"stage": self.stage, "step": self.step},
+      "position": {"stage": self.stage, "step": self.step, "global_step": global_step},
       "results": self.results,
       "seconds": self.seconds,
       "config": config_dict,
@@ -124,13 +144,20 @@ class Runner:
     c = ctx.config
     self.config_dict = cfg.config_json(c)
     self.ckpt = checkpoint_lib.Checkpoints(
-      os.path.join(ctx.workdir, "checkpoints"),
+      files.join(ctx.workdir, "checkpoints"),
       max_to_keep=c.max_checkpoints,
       async_save=c.async_checkpointing,
     )
     self.record = RunRecord()
     self.carry: dict[str, Any] = {}
     self._clock = time.perf_counter()
+    self.offsets = stage_offsets(ctx)
+    self.preemption = processes.PreemptionWatch()
+    self.writer: metrics_lib.MetricsWriter | None = None
+
+  def global_step(self, stage: str, step: int) -> int:
+    """Updates of the whole run at position (stage, step): the checkpoint id."""
+    return self.offsets[stage] + step
 
   # -- positions -------------------------------------------------------------
 
@@ -161,18 +188,29 @@ class Runner:
     self.record = record
 
   def restore_or_start(self) -> None:
-    """Restores the newest intact checkpoint (damaged ones are set aside), or starts afresh."""
+    """Restores the newest intact checkpoint (damaged ones are set aside), or starts afresh.
+
+    Process 0 names the candidate; a candidate that any process fails to read
+    is set aside everywhere, so all processes resume from the same checkpoint.
+    """
     ctx = self.ctx
     restored = None
-    for step in self.ckpt.steps_newest_first():
+    while True:
+      newest = self.ckpt.steps_newest_first()
+      step = processes.broadcast_int(newest[0] if newest else -1)
+      if step < 0:
+        break
+      error = None
       try:
         self._restore(step)
       except checkpoint_lib.DamagedCheckpoint as e:
-        moved = self.ckpt.set_aside(step)
-        ctx.log(f"warning: {e}; moved to {moved}, trying an older checkpoint")
-        continue
-      restored = step
-      break
+        error = e
+      if processes.all_true(error is None):
+        restored = step
+        break
+      moved = self.ckpt.set_aside(step)
+      why = error or checkpoint_lib.DamagedCheckpoint(step, "unreadable on another process")
+      ctx.log(f"warning: {why}; moved to {moved}, trying an older checkpoint")
     if restored is None:
       self.carry = dict(initial_variables(ctx))
       self.record = RunRecord()
@@ -181,10 +219,12 @@ class Runner:
         f"resumed from checkpoint {restored}: stage {self.record.stage}, step {self.record.step}"
       )
     self.writer = metrics_lib.MetricsWriter(
-      os.path.join(ctx.workdir, "metrics.csv"),
+      files.join(ctx.workdir, "metrics.csv"),
       resume_stage=self.record.stage,
       resume_step=self.record.step,
       enabled=ctx.is_main,
+      tensorboard_dir=ctx.workdir if ctx.config.get("tensorboard", True) else None,
+      purge_step=self.global_step(self.record.stage, self.record.step) if restored else None,
     )
 
   def save(self, stage: str, step: int) -> None:
@@ -202,7 +242,8 @@ class Runner:
     if self.ctx.config.async_checkpointing:
       # The next train step donates these buffers; save private copies.
       state = jax.tree.map(lambda x: x.copy() if isinstance(x, jax.Array) else x, state)
-    self.ckpt.save(state, self.record.to_json(self.config_dict))
+    global_step = self.global_step(stage, step)
+    self.ckpt.save(global_step, state, self.record.to_json(self.config_dict, global_step))
 
   def _tick(self, stage: str) -> None:
     now = time.perf_counter()
@@ -261,6 +302,7 @@ class Runner:
     )
     bs = sharding_lib.batch_sharding(ctx.mesh)
     sums, n = None, 0
+    window = _LogWindow(time.perf_counter())
     batches = ctx.source.train_epoch(EPOCH_OFFSET[plan.name] + epoch, start_step=offset)
     for batch in ctx.source.to_device(batches, bs):
       if offset >= todo:
@@ -269,21 +311,52 @@ class Runner:
       sums = m if sums is None else jax.tree.map(jnp.add, sums, m)
       step, offset, n = step + 1, offset + 1, n + 1
       bar.update()
-      if c.log_every and n % c.log_every == 0:
-        bar.set_postfix(
-          loss=f"{float(steps_lib.host_value(sums['loss'])) / n:.4f}",
-          acc=f"{float(steps_lib.host_value(sums['accuracy'])) / n:.4f}",
-        )
+      if c.log_every and n % c.log_every == 0:  # the only host reads inside the loop
+        self._log_step(plan, step, n, sums, window, bar)
       every = c.checkpoint_every_steps
-      if every and step % every == 0 and step < plan.num_steps:
+      preempted = self.preemption.reached(self.global_step(plan.name, step))
+      if preempted or (every and step % every == 0 and step < plan.num_steps):
         self.carry.update(
           params=state.params, batch_stats=state.batch_stats, opt_state=state.opt_state
         )
         self.save(plan.name, step)
+      if preempted:
+        bar.close()
+        raise processes.Preempted(self.global_step(plan.name, step))
     bar.close()
     if n:
       self._epoch_row(plan, state, epoch, num_epochs, step, sums, n, clock)
     return state, step
+
+  def _log_step(self, plan, step: int, n: int, sums, window: _LogWindow, bar) -> None:
+    """A line (or the bar's postfix) with the loss and accuracy since the last one,
+    images/s and the training ETA; the same values go to TensorBoard."""
+    ctx = self.ctx
+    loss_sum = float(steps_lib.host_value(sums["loss"]))  # waits for the step
+    acc_sum = float(steps_lib.host_value(sums["accuracy"]))
+    now = time.perf_counter()
+    steps = n - window.n
+    loss = (loss_sum - window.loss_sum) / steps
+    acc = (acc_sum - window.acc_sum) / steps
+    per_step = (now - window.time) / steps
+    images_per_s = ctx.config.batch_size / max(per_step, 1e-9)
+    global_step = self.global_step(plan.name, step)
+    eta = metrics_lib.format_seconds(per_step * (self.offsets["evaluate"] - global_step))
+    window.time, window.n, window.loss_sum, window.acc_sum = now, n, loss_sum, acc_sum
+    if self.writer is not None:
+      self.writer.scalars(
+        global_step,
+        f"{plan.name}/train_step",
+        {"loss": loss, "accuracy": acc, "images_per_second": images_per_s},
+      )
+    if metrics_lib.is_live(bar):
+      bar.set_postfix(loss=f"{loss:.4f}", acc=f"{acc:.4f}", img_s=f"{images_per_s:.0f}", eta=eta)
+    elif ctx.is_main:
+      ctx.log(
+        f"{plan.name} step {step}/{plan.num_steps}: loss {loss:.4f}, accuracy {acc:.4f}, "
+        f"{images_per_s:.1f} images/s, ETA {eta} (training, {global_step}/"
+        f"{self.offsets['evaluate']} steps done)"
+      )
 
   def _epoch_row(self, plan, state, epoch, num_epochs, step, sums, n, clock) -> None:
     loss = float(steps_lib.host_value(sums["loss"])) / n
@@ -292,6 +365,7 @@ class Runner:
       stage=plan.name,
       epoch=epoch,
       step=step,
+      global_step=self.global_step(plan.name, step),
       split="train",
       loss=loss,
       accuracy=acc,
@@ -309,6 +383,9 @@ class Runner:
     self.writer.write(
       stage=stage,
       step=step,
+      global_step=self.offsets["evaluate"]
+      if stage == "evaluate"
+      else self.global_step(stage, step),
       split="test",
       loss=result["loss"],
       accuracy=result["accuracy"],
@@ -439,6 +516,16 @@ class Runner:
     raise AssertionError("unreachable")
 
 
+@dataclasses.dataclass
+class _LogWindow:
+  """Where the last step-level log line left off (time, steps, running sums)."""
+
+  time: float
+  n: int = 0
+  loss_sum: float = 0.0
+  acc_sum: float = 0.0
+
+
 def run(config, workdir: str, *, mesh=None, log=print) -> dict[str, Any]:
   """Runs (or resumes) the whole pipeline; returns the report.
 
@@ -451,11 +538,15 @@ def run(config, workdir: str, *, mesh=None, log=print) -> dict[str, Any]:
   Raises:
     ConfigError: for a bad setting or workdir (one-line message naming the key),
       before the first step.
+    processes.Preempted: a SIGTERM arrived; a checkpoint at the current step is saved.
   """
   ctx = make_context(config, workdir, mesh=mesh, log=log)
   runner = Runner(ctx)
   try:
-    return runner.run()
+    with runner.preemption:
+      return runner.run()
   finally:
     runner.ckpt.wait()
     runner.ckpt.close()
+    if runner.writer is not None:
+      runner.writer.close()
