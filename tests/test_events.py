@@ -76,14 +76,14 @@ def _assert_identical(a, b):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
-@pytest.mark.parametrize("learns_alphas", [False, True])
-def test_focused_quantization_event_form_equals_in_step_form(learns_alphas):
+def test_focused_quantization_event_form_equals_in_step_form():
+  """The pipeline's path: alpha gradients from the forward pass (the other path: below)."""
   schedule = fq.inq_schedule(3, refit_every=2, refit_growth=1.5)
   kwargs = dict(bits=5, schedule=schedule, gmm_iters=20)
   inner = optax.sgd(0.05, momentum=0.9)
   event_tx, events = fq.focused_quantization_with_events(inner, **kwargs)
   a, b, seen = _run_both(
-    fq.focused_quantization(inner, **kwargs), event_tx, events, 14, learns_alphas
+    fq.focused_quantization(inner, **kwargs), event_tx, events, 14, learns_alphas=True
   )
   # Refits at 2, 2 + ceil(3) = 5, 5 + ceil(4.5) = 10; INQ boundaries at 3, 6, 9, 12.
   assert seen == [
@@ -101,6 +101,7 @@ def test_focused_quantization_event_form_equals_in_step_form(learns_alphas):
 
 
 def test_refit_and_inq_on_one_update_run_in_order():
+  """Alpha gradients recomputed by update (no alpha_grads=): the plain optax path."""
   schedule = fq.inq_schedule(2, refit_every=2, refit_growth=1.0)  # both every 2 updates
   inner = optax.sgd(0.05)
   event_tx, events = fq.focused_quantization_with_events(inner, schedule=schedule, gmm_iters=10)
