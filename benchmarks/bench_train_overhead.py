@@ -111,6 +111,15 @@ def _count(hlo: str, op: str) -> int:
   return len(re.findall(rf"= [^=\n]*\b{op}\(", hlo))
 
 
+def _learns_alphas(plan) -> dict:
+  # Trees from before the event form (for before/after runs) have no such field.
+  return {"learns_alphas": plan.learns_alphas} if hasattr(plan, "learns_alphas") else {}
+
+
+def _events_of(plan) -> tuple[str, ...]:
+  return plan.events.names if hasattr(plan, "events") else ()
+
+
 def _stages(ctx):
   """{stage: (jitted step, state, plan)} built as the runner builds them."""
   variables = context_lib.initial_variables(ctx)
@@ -127,12 +136,10 @@ def _stages(ctx):
     else:
       p = fq.apply_masks(params, masks)
       plan = plans.quant_plan(ctx, masks)
-      opt_state = jax.jit(plan.tx.init)(p)
+      opt_state = plan.tx.init(p)  # eagerly, as Runner.stage_quantize
     step = steps_lib.jit_train_step(
       input_pipeline.normalizing(
-        steps_lib.make_train_step(
-          ctx.model, plan.tx, plan.forward, learns_alphas=plan.learns_alphas
-        )
+        steps_lib.make_train_step(ctx.model, plan.tx, plan.forward, **_learns_alphas(plan))
       ),
       ctx.mesh,
     )
@@ -145,7 +152,7 @@ def _stages(ctx):
 def _time_events(plan, state):
   """Wall ms of each schedule event of `plan`, called as the runner calls it (eagerly)."""
   times = {}
-  for name in plan.events.names:
+  for name in _events_of(plan):
     out = {}
     for label in ("first_call_s", "s"):
       t = time.perf_counter()
@@ -186,7 +193,7 @@ def main():
       "hlo_conditionals": _count(hlo, "conditional"),
       "hlo_whiles": _count(hlo, "while"),
       "hlo_fusions": _count(hlo, "fusion"),
-      "events": list(plan.events.names),
+      "events": list(_events_of(plan)),
     }
     state, _ = step(state, batch)  # first call (compiles through jit's own cache)
     jax.block_until_ready(state)
