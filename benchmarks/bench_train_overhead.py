@@ -123,7 +123,9 @@ def _events_of(plan) -> tuple[str, ...]:
 
 def _stages(ctx):
   """{stage: (jitted step, state, plan)} built as the runner builds them."""
-  variables = context_lib.initial_variables(ctx)
+  # Replicated on the mesh, as the runner's carry is when a stage starts (init's compiled
+  # pieces are then shared with the events, which see replicated arrays too).
+  variables = sharding_lib.put_replicated(context_lib.initial_variables(ctx), ctx.mesh)
   params = variables["params"]
   masks = plans.initial_masks(ctx, params)
   out = {}
@@ -135,7 +137,7 @@ def _stages(ctx):
       plan, p = plans.prune_plan(ctx), params
       opt_state = plan.tx.init(p)._replace(masks=masks)  # as Runner._start_prune
     else:
-      p = fq.apply_masks(params, masks)
+      p = sharding_lib.put_replicated(fq.apply_masks(params, masks), ctx.mesh)
       plan = plans.quant_plan(ctx, masks)
       opt_state = plan.tx.init(p)  # eagerly, as Runner.stage_quantize
     step = steps_lib.jit_train_step(
