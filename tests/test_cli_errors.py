@@ -82,7 +82,11 @@ BAD_CALLS = [
   (["evaluate", "w.npz"], 1, "w.npz: an .npz names no architecture or dataset: pass --model and"),
   (["evaluate", "w.npz", "--model", "digits_cnn"], 1, "pass --dataset"),
   (["evaluate", "w.npz", "--integer"], 1, "w.npz: float weights have no integer path"),
-  (["evaluate", "w.npz", "--model", "mobilenet_v1", "--dataset", "digits"], 1, "PyTorch-style keys"),
+  (
+    ["evaluate", "w.npz", "--model", "mobilenet_v1", "--dataset", "digits"],
+    1,
+    "PyTorch-style keys",
+  ),
   (
     ["evaluate", "w.npz", "--model", "resnet18", "--dataset", "digits"],
     1,

@@ -154,7 +154,7 @@ def test_mobilenet_rules_leave_depthwise_unpruned():
   assert pw and all(s.prune and s.sparsity == pytest.approx(0.3174) for s in pw)
 
 
-@pytest.mark.slow(30)
+@pytest.mark.slow(8)
 def test_init_from_torchvision_keys(tmp_path):
   """A torchvision-keyed .npz (and .pth) loads to the variables it was exported from."""
   model = get_model("resnet18", num_classes=1000)

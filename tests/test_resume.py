@@ -163,7 +163,7 @@ def test_changed_config_does_not_resume(tmp_path):
     train_lib.run(config, str(workdir), log=lambda s: None)
 
 
-@pytest.mark.slow(60)
+@pytest.mark.slow(70)
 def test_damaged_newest_checkpoints_fall_back_to_the_newest_intact_one(tmp_path):
   """Garbled bytes, a missing meta/ or state/ and an empty stray folder: each is set aside."""
   import shutil
