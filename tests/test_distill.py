@@ -231,6 +231,7 @@ def test_ramp_needs_dns():
     cfg.validate(_config(**{"prune.ramp_fraction": 0.5, "prune.method": "magnitude"}))
 
 
+@pytest.mark.slow(12)
 def test_teacher_is_checkpointed_from_prune_start_to_quantize_end(tmp_path):
   config = _config(**{"distill.weight": 0.5})
   ctx = train_lib.make_context(config, str(tmp_path), log=lambda s: None)
@@ -258,6 +259,7 @@ def test_teacher_is_checkpointed_from_prune_start_to_quantize_end(tmp_path):
   assert not plans.has_teacher(_config(), "quantize", 0)  # distillation off: no teacher kept
 
 
+@pytest.mark.slow(20)
 def test_distilled_ramped_prune_stage_runs_in_the_pipeline(tmp_path):
   config = _config(
     **{

@@ -4,10 +4,12 @@ import pathlib
 
 import nbclient
 import nbformat
+import pytest
 
 NOTEBOOK = pathlib.Path(__file__).resolve().parents[1] / "notebooks" / "quickstart.ipynb"
 
 
+@pytest.mark.slow(100)
 def test_quickstart_notebook_executes(monkeypatch):
   monkeypatch.setenv("FQ_QUICKSTART_FAST", "1")
   nb = nbformat.read(NOTEBOOK, as_version=4)

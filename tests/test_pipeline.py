@@ -389,6 +389,7 @@ def _tiny_digits(**overrides):
   return c
 
 
+@pytest.mark.slow(40)
 def test_magnitude_pruning_and_post_training_quantization(tmp_path):
   config = _tiny_digits(**{"prune.method": "magnitude", "prune.sparsity": 0.8})
   lines = []

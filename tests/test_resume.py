@@ -136,7 +136,7 @@ def _comparable(path: Path) -> dict:
   return report
 
 
-@pytest.mark.slow
+@pytest.mark.slow(250)
 def test_killed_and_resumed_run_matches_uninterrupted(tmp_path):
   cache = tmp_path / "jax_cache"
   straight, resumed = tmp_path / "straight", tmp_path / "resumed"
@@ -236,6 +236,7 @@ def test_changed_config_does_not_resume(tmp_path):
     train_lib.run(config, str(workdir), log=lambda s: None)
 
 
+@pytest.mark.slow(70)
 def test_damaged_newest_checkpoints_fall_back_to_the_newest_intact_one(tmp_path):
   """Garbled bytes, a missing meta/ or state/ and an empty stray folder: each is set aside."""
   import shutil

@@ -44,13 +44,14 @@ def _accuracy_of(npz_relative: str, expected_depth: int) -> int:
   return count_correct(CifarResNet(depth=depth), variables, images, labels, batch_size=500)
 
 
+@pytest.mark.slow(30)
 def test_resnet20_import_exact_accuracy() -> None:
   # DATA.md: 81.03% on the JPEG test split. Exactness checks padding, option-A shortcut,
   # BN eps, normalization and channel order all at once.
   assert _accuracy_of(RESNET20_NPZ, 20) == 8103
 
 
-@pytest.mark.slow
+@pytest.mark.slow(90)
 def test_resnet56_import_exact_accuracy() -> None:
   assert _accuracy_of(RESNET56_NPZ, 56) == 8320
 

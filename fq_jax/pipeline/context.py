@@ -229,7 +229,10 @@ def initial_variables(ctx: Context) -> dict[str, Any]:
     v = ctx.init_variables
     return {"params": v["params"], "batch_stats": v.get("batch_stats", {})}
   x = jnp.zeros((1, *ctx.source.image_shape), jnp.float32)
-  out = jax.jit(lambda: ctx.model.init(jax.random.key(ctx.config.seed), x, train=False))()
+  # The key is an argument, not a constant of the jitted function: with a constant key XLA
+  # constant-folds the initializers' random numbers at compile time (minutes for ResNet-18).
+  init = jax.jit(lambda key: ctx.model.init(key, x, train=False))
+  out = init(jax.random.key(ctx.config.seed))
   return {"params": out["params"], "batch_stats": out.get("batch_stats", {})}
 
 
