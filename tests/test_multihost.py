@@ -76,7 +76,7 @@ def _start_pair(workdir: Path, cache: Path) -> list[subprocess.Popen]:
   return [_start(workdir, cache, devices=2, process=(port, 2, i)) for i in range(2)]
 
 
-def _finish(procs: list[subprocess.Popen], returncode: int = 0, timeout: float = 300) -> list[str]:
+def _finish(procs: list[subprocess.Popen], returncode: int = 0, timeout: float = 900) -> list[str]:
   outs = []
   deadline = time.monotonic() + timeout
   try:
@@ -93,7 +93,7 @@ def _finish(procs: list[subprocess.Popen], returncode: int = 0, timeout: float =
   return outs
 
 
-def _wait_for(path: Path, procs: list[subprocess.Popen], timeout: float = 240) -> None:
+def _wait_for(path: Path, procs: list[subprocess.Popen], timeout: float = 600) -> None:
   deadline = time.monotonic() + timeout
   while not path.is_dir():
     if any(p.poll() is not None for p in procs) or time.monotonic() > deadline:

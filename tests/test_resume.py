@@ -52,13 +52,13 @@ def _start(workdir: Path, cache: Path) -> subprocess.Popen:
   )
 
 
-def _finish(proc: subprocess.Popen, timeout: float = 240, returncode: int = 0) -> str:
+def _finish(proc: subprocess.Popen, timeout: float = 900, returncode: int = 0) -> str:
   out, _ = proc.communicate(timeout=timeout)
   assert proc.returncode == returncode, out[-3000:]
   return out
 
 
-def _terminate_after_line(proc: subprocess.Popen, prefix: str, timeout: float = 180) -> str:
+def _terminate_after_line(proc: subprocess.Popen, prefix: str, timeout: float = 600) -> str:
   """Sends SIGTERM once the run prints a line starting with `prefix`; returns the whole output."""
   lines = []
   deadline = time.monotonic() + timeout
@@ -72,7 +72,7 @@ def _terminate_after_line(proc: subprocess.Popen, prefix: str, timeout: float = 
 
 
 def _kill_after_checkpoint(
-  workdir: Path, cache: Path, checkpoint: int, timeout: float = 180
+  workdir: Path, cache: Path, checkpoint: int, timeout: float = 600
 ) -> None:
   """Starts a run and SIGKILLs it as soon as checkpoint `checkpoint` is complete."""
   proc = _start(workdir, cache)
