@@ -25,6 +25,7 @@ Both forms give identical states and parameters (tests/test_events.py).
 from __future__ import annotations
 
 import functools
+import inspect
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -99,3 +100,10 @@ def is_refit_count(first: int, growth: float, count: int) -> bool:
   # Refit counts grow geometrically: a cache keyed by the next power of two holds few sets.
   horizon = 1 << max(count, 1).bit_length()
   return count in _refit_set(first, float(growth), horizon)
+
+
+def bound_arguments(fn: Callable, *args, **kwargs) -> dict[str, Any]:
+  """`fn`'s arguments for this call with its own defaults filled in (one owner of the defaults)."""
+  bound = inspect.signature(fn).bind(*args, **kwargs)
+  bound.apply_defaults()
+  return dict(bound.arguments)

@@ -141,22 +141,9 @@ def dns_pruning_with_events(
     32
   """
   dns_pruning(inner, **kwargs)  # validates the arguments exactly as the in-step form does
-  return _build_dns(inner, in_step=False, **_dns_defaults(kwargs))
-
-
-def _dns_defaults(kwargs):
-  out = dict(
-    sparsity=None,
-    sensitivity=None,
-    rules=rules_lib.DEFAULT_RULES,
-    update_every=1,
-    scope="layer",
-    unmatched="raise",
-    sparsity_schedule=None,
-  )
-  out.update(kwargs)
-  out["rules"] = rules_lib.as_rules(out["rules"], "dns_pruning")
-  return out
+  args = events_lib.bound_arguments(dns_pruning, inner, **kwargs)
+  args["rules"] = rules_lib.as_rules(args["rules"], "dns_pruning")
+  return _build_dns(in_step=False, **args)
 
 
 def _build_dns(

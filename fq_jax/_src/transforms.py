@@ -231,22 +231,11 @@ def focused_quantization_with_events(
     (('refit', 'inq'), 0.5)
   """
   focused_quantization(inner, **kwargs)  # validates the arguments exactly as the in-step form does
-  defaults = dict(
-    bits=5,
-    w_sep=2.0,
-    rules=rules_lib.DEFAULT_RULES,
-    schedule=_DEFAULT_SCHEDULE,
-    masks=None,
-    alpha_optimizer=None,
-    seed=0,
-    gmm_iters=200,
-    unmatched="raise",
-  )
-  args = {**defaults, **kwargs}
+  args = events_lib.bound_arguments(focused_quantization, inner, **kwargs)
   args["rules"] = rules_lib.as_rules(args["rules"], "focused_quantization")
   if args["alpha_optimizer"] is None:
     args["alpha_optimizer"] = optax.adam(1e-4)
-  return _build_focused(inner, in_step=False, **args)
+  return _build_focused(in_step=False, **args)
 
 
 # Long on purpose: one closure family (init, update, the events) over the validated arguments.
