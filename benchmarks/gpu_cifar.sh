@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # CIFAR-10 ResNet-20 and ResNet-56 on one GPU: the default (long) schedule of
-# configs/cifar10_resnet.py, compressed and its fair reference, for each depth.
+# configs/cifar10_resnet_long.py, compressed and its fair reference, for each depth.
 # Run by hand on a GPU machine (not in the test suite); sized for < 8 minutes on
 # one H200 by running the four jobs at once (ResNets at batch 128 leave the GPU
 # mostly idle between small kernels, so they interleave well).
@@ -55,7 +55,7 @@ run() {  # run NAME DEPTH [extra overrides...]
   shift 2
   local start
   start=$(date +%s)
-  python train.py --workdir="$OUT/$name" --config=configs/cifar10_resnet.py \
+  python train.py --workdir="$OUT/$name" --config=configs/cifar10_resnet_long.py \
     --config.init_from="$FQ_JAX_SHARED/models/resnet${depth}-cifar10.npz" \
     --config.model.depth="$depth" --config.dense.epochs=0 --config.progress_bar=false \
     "$@" > "$OUT/$name.log" 2>&1

@@ -136,6 +136,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.checkpoint_every_steps = 0  # 0: only at stage ends
   c.max_checkpoints = 2
   c.async_checkpointing = True
+  # Test-split evaluation every this many epochs inside each stage, for the
+  # accuracy curve in metrics.csv (0: only at stage ends; costs one pass over the test split).
+  c.eval_every_epochs = 0
   c.log_every = 20  # steps between log lines (or progress-bar updates): loss, images/s, ETA
   c.tensorboard = True  # event files next to metrics.csv (first process)
   c.progress_bar = True

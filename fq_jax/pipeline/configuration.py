@@ -65,6 +65,7 @@ LENGTH_KEYS = {
 VOLATILE_KEYS = (
   "progress_bar",
   "log_every",
+  "eval_every_epochs",
   "checkpoint_every_steps",
   "max_checkpoints",
   "async_checkpointing",
@@ -404,6 +405,11 @@ def validate(config) -> None:
     isinstance(c.log_every, int) and c.log_every >= 0,
     "log_every",
     f"must be an integer >= 0, got {c.log_every}",
+  )
+  _check(
+    isinstance(c.eval_every_epochs, int) and c.eval_every_epochs >= 0,
+    "eval_every_epochs",
+    f"must be an integer >= 0, got {c.eval_every_epochs}",
   )
 
 

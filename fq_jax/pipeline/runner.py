@@ -326,7 +326,26 @@ class Runner:
     bar.close()
     if n:
       self._epoch_row(plan, state, epoch, num_epochs, step, sums, n, clock)
+      every = c.eval_every_epochs
+      if every and (epoch + 1) % every == 0 and step < plan.num_steps:
+        self._epoch_eval(plan, state, step)  # the stage's own evaluation covers its end
     return state, step
+
+  def _epoch_eval(self, plan, state, step: int) -> None:
+    """A test row mid-stage (`eval_every_epochs`) of the network the forward pass sees."""
+    ctx = self.ctx
+    carry = {"params": state.params, "batch_stats": state.batch_stats, "opt_state": None}
+    extra = {}
+    if plan.name == "prune" and ctx.prunes and ctx.config.prune.method == "dns":
+      masks = plans.final_masks(state.opt_state)  # (magnitude: params already masked)
+      carry["params"] = fq.apply_masks(state.params, masks)
+      extra["sparsity"] = fq.sparsity_of(masks)
+    elif plan.name == "quantize" and ctx.quantizes:
+      carry["opt_state"] = state.opt_state
+      extra["quantized_fraction"] = fq.quantized_fraction(state.opt_state)
+    result = evaluate(ctx, forward_variables(ctx, carry))
+    self._eval_row(plan.name, step, result, **extra)
+    ctx.log(f"{plan.name} step {step}/{plan.num_steps}: test accuracy {result['accuracy']:.4f}")
 
   def _log_step(self, plan, step: int, n: int, sums, window: _LogWindow, bar) -> None:
     """A line (or the bar's postfix) with the loss and accuracy since the last one,
