@@ -1,8 +1,9 @@
 """CIFAR-10 ResNet-(6n+2) (default 20), usually started from the shipped PyTorch checkpoint.
 
-The default schedule is sized for a 2-core CPU (about 9 epochs of 391 steps
-after the import: 3 epochs of DNS, INQ 25/50/75/87.5/100% one epoch each with
-re-estimation, 2 final epochs; BENCHMARKS.md has its measured time and result).
+The default schedule is sized for a 2-core CPU (1,443 steps of batch 128, about
+3.7 epochs after the import: 1.5 epochs of DNS, INQ 25/50/75/87.5/100% 0.4 epochs
+each with re-estimation, 0.6 final epochs; BENCHMARKS.md has its measured time
+and result).
 `configs/cifar10_resnet_long.py` keeps the longer schedule for accelerators.
 
     python train.py --config=configs/cifar10_resnet.py --workdir=/tmp/r20 \\
@@ -37,12 +38,12 @@ def get_config():
 
   c.prune.method = "dns"
   c.prune.sparsity = 0.7
-  c.prune.epochs = 3.0
+  c.prune.epochs = 1.5
   c.prune.learning_rate = 0.01
 
   c.quant.bits = 5
-  c.quant.epochs_per_step = 1.0
-  c.quant.final_epochs = 2.0
+  c.quant.epochs_per_step = 0.4
+  c.quant.final_epochs = 0.6
   c.quant.learning_rate = 1e-3
   c.quant.lr_decay_epochs = 3.0
   c.checkpoint_every_steps = 200
