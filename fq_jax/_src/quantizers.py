@@ -350,7 +350,7 @@ def focus(
   assignment = (hashed_uniform(key, jnp.shape(w)) < p_plus) & kept & recentralized
 
   x = jnp.asarray(w, jnp.float32)
-  centred = (x - jnp.where(assignment, means[1], means[0])) / sigma
+  centred = (x - jnp.where(assignment, means[1], means[0])) * (1.0 / sigma)  # as focused_symbols
   # Both candidate biases from one batched sort (one sort to compile, not two).
   both = jax.vmap(lambda v, b: overflow_bias(v, bits=b, mask=kept))(
     jnp.stack([centred, x]), jnp.asarray([max(bits - 1, MIN_BITS), bits], jnp.int32)
