@@ -42,7 +42,10 @@ def get_config() -> ml_collections.ConfigDict:
   c.dataset.eval_split = "validation"  # imagenet only
   c.dataset.num_workers = 0  # imagenet only: grain decoding processes (0: in this process)
 
-  c.init_from = ""  # contract: .npz to start from ("" = random init from seed)
+  # contract: weights to start from ("" = random init from seed): a flat Flax .npz, or
+  # PyTorch weights for the importers (CIFAR ResNet .npz; torchvision resnet18/resnet50/
+  # mobilenet_v2 .pth or .npz of state-dict keys; docs/imagenet.md)
+  c.init_from = ""
   c.seed = 0  # contract: init, data order, augmentation and FQ sampling
   c.batch_size = 64  # contract: global batch (split over all devices)
   # When set, replaces batch_size by this times the device count (resolved at start).

@@ -4,6 +4,8 @@
   quantization levels (the paper's Figures 1 and 2).
 * `plot_separation`: the Wasserstein separation (Eq. 4) per layer against w_sep.
 * `plot_accuracy_vs_ratio`: accuracy against compression ratio, one line per method.
+* `plot_run`: a pipeline run's test accuracy, sparsity and quantized fraction against
+  the training step, with its stage boundaries (the rows of `metrics.csv`).
 """
 
 from __future__ import annotations
@@ -121,4 +123,78 @@ def plot_accuracy_vs_ratio(
   ax.set_title(title, fontsize=9)
   ax.grid(alpha=0.3)
   ax.legend(fontsize=7)
+  return ax
+
+
+def _number(row: Mapping[str, Any], key: str) -> float | None:
+  value = row.get(key)
+  return None if value in (None, "") else float(value)
+
+
+def plot_run(
+  rows: Sequence[Mapping[str, Any]],
+  *,
+  reference: Sequence[Mapping[str, Any]] | None = None,
+  ax=None,
+  title: str = "",
+):
+  """Test accuracy against the global training step, with sparsity and INQ progress.
+
+  Args:
+    rows: a run's `metrics.csv` rows (`csv.DictReader` dicts): the `test` rows give the
+      accuracy curve (`eval_every_epochs` adds rows inside the stages), the `train` rows
+      the stage boundaries and the quantized fraction.
+    reference: the rows of the fair reference run (`reference_only=true`), drawn dashed.
+    ax: a matplotlib axis; a new figure when None.
+    title: axis title.
+
+  Returns:
+    The accuracy axis (the fractions share its x axis on a twin axis).
+  """
+  plt = _pyplot()
+  if ax is None:
+    _, ax = plt.subplots(figsize=(7, 4))
+
+  def curve(table):
+    points = [
+      (float(r["global_step"]), float(r["accuracy"]))
+      for r in table
+      if r.get("split") == "test" and r.get("global_step") not in (None, "")
+    ]
+    return sorted(points)
+
+  for table, label, style in ((rows, "compressed", "-o"), (reference or (), "reference", "--s")):
+    points = curve(table)
+    if points:
+      ax.plot(*zip(*points), style, markersize=3, label=f"{label} (test accuracy)")
+  ax.set_xlabel("training step (all stages)")
+  ax.set_ylabel("top-1 test accuracy")
+  ax.grid(alpha=0.3)
+  fractions = ax.twinx()
+  for key, label, color in (
+    ("sparsity", "sparsity", "tab:red"),
+    ("quantized_fraction", "quantized fraction", "tab:green"),
+  ):
+    points = sorted(
+      (float(r["global_step"]), v)
+      for r in rows
+      if (v := _number(r, key)) is not None and r.get("global_step") not in (None, "")
+    )
+    if points:
+      fractions.step(*zip(*points), where="post", color=color, alpha=0.6, label=label)
+  fractions.set_ylim(0, 1.05)
+  fractions.set_ylabel("fraction of kernel weights")
+  ends: dict[str, float] = {}
+  for r in rows:
+    if r.get("global_step") not in (None, "") and r.get("stage") in ("dense", "prune"):
+      ends[r["stage"]] = max(ends.get(r["stage"], 0.0), float(r["global_step"]))
+  for stage, step in ends.items():
+    if step > 0:
+      ax.axvline(step, color="grey", linestyle=":", linewidth=1)
+      ax.annotate(f"end of {stage}", (step, 0), xycoords=("data", "axes fraction"), fontsize=7,
+                  rotation=90, va="bottom", ha="right")  # fmt: skip
+  lines = ax.get_legend_handles_labels()
+  more = fractions.get_legend_handles_labels()
+  ax.legend(lines[0] + more[0], lines[1] + more[1], fontsize=7, loc="lower right")
+  ax.set_title(title, fontsize=9)
   return ax

@@ -1,10 +1,42 @@
-"""Shared test setup: hypothesis profile, the ../shared locator, and slow tests first."""
+"""Shared test setup: one JAX compilation cache per session, hypothesis profile, the
+../shared locator, and slow tests first."""
 
 import os
 import pathlib
+import shutil
+import sys
+import tempfile
 
 import hypothesis
 import pytest
+
+# One persistent JAX compilation cache for the whole session, shared by the xdist workers
+# and every subprocess they start (train.py runs, notebooks, the CLI): the resume,
+# multi-host and pipeline tests compile the same programs in several processes, and each
+# program is then compiled once. A fresh folder per session (created by the first process,
+# inherited by the others through the environment), removed at the end: nothing carries
+# over between runs. Set JAX_COMPILATION_CACHE_DIR yourself to choose the folder (kept).
+_CACHE_OWNER = "FQ_JAX_TEST_CACHE_OWNER"
+if not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="fq-jax-test-jax-cache-")
+  os.environ[_CACHE_OWNER] = str(os.getpid())
+# Cache every program that took a tenth of a second to compile (default: 1 s), and bound
+# the folder so that JAX takes a file lock around reads and writes (two workers share it).
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.1")
+os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(4 * 2**30))
+if "jax" in sys.modules:  # a plugin imported jax first: the environment came too late
+  import jax
+
+  jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.1)
+  jax.config.update("jax_compilation_cache_max_size", 4 * 2**30)
+
+
+def pytest_unconfigure(config):
+  del config
+  if os.environ.get(_CACHE_OWNER) == str(os.getpid()):
+    shutil.rmtree(os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
+
 
 # JAX compiles per shape: keep examples moderate and without deadlines.
 hypothesis.settings.register_profile(

@@ -114,3 +114,21 @@ def test_save_fqz_mid_schedule_needs_partial(tmp_path):
   )  # the others are quantized in the file, not in the forward pass
   want = np.asarray(fq.focused_values(fq.focused_symbols(params["dense"]["kernel"], f), f))
   np.testing.assert_array_equal(q, want)
+
+
+def test_nan_or_inf_kept_weights_of_a_focused_layer_are_refused(tmp_path):
+  """A NaN has no symbol: encoding it would silently store some finite level."""
+  w = np.random.default_rng(0).normal(size=(16, 8)).astype(np.float32) * 0.1
+  mask = np.abs(w) > 0.05
+  state = fq.focus(w, mask, jax.random.key(0), bits=5)
+  good = np.where(mask, w, 0.0).astype(np.float32)
+  fq.encode_model({"conv/kernel": good}, focus={"conv/kernel": state})  # finite: fine
+  bad = good.copy()
+  kept = np.argwhere(mask)
+  bad[tuple(kept[0])], bad[tuple(kept[1])] = np.nan, np.inf
+  with pytest.raises(ValueError, match=r"^focus 'conv/kernel': 2 kept weights are NaN or infinite"):
+    fq.encode_model({"conv/kernel": bad}, focus={"conv/kernel": state})
+  # A NaN at a pruned position is never stored (it decodes as 0): accepted.
+  pruned = good.copy()
+  pruned[tuple(np.argwhere(~mask)[0])] = np.nan
+  fq.encode_model({"conv/kernel": pruned}, focus={"conv/kernel": state})

@@ -58,7 +58,7 @@ def _start(
   env.update(
     JAX_PLATFORMS="cpu",
     XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
-    FQ_JAX_COMPILATION_CACHE=str(cache),
+    FQ_JAX_COMPILATION_CACHE=os.environ.get("JAX_COMPILATION_CACHE_DIR") or str(cache),
     JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
     PYTHONUNBUFFERED="1",
   )

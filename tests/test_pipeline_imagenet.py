@@ -71,11 +71,10 @@ def _tiny(config):
   config.checkpoint_every_steps = 0
   config.async_checkpointing = False
   config.progress_bar = False
-  # float32 compute: a bf16 MobileNet-V2 run exposed one weight (of 153,600 in
-  # block16/expand_conv) whose encoded symbol differs from the forward pass's (the
-  # codec's batched symbol kernel and the jitted fq.quantized round differently at a
-  # boundary): an open bug, written up in the session's closing note. bf16 training
-  # and its encode are covered by tests/test_bf16.py.
+  # float32 compute: bf16 convolutions are slow on a CPU; bf16 training and its encode
+  # are covered by tests/test_bf16.py. (A bf16 run here once found a weight on a rounding
+  # boundary that decoded one symbol away from the evaluated value: fixed in
+  # fq.focused_symbols, pinned by test_quantizers' boundary test.)
   config.model.dtype = "float32"
   return config
 
@@ -99,16 +98,28 @@ def _fq_training_run(config, tmp_path, monkeypatch):
   return report, seen["variables"], decoded
 
 
+# MobileNet-V2 with a shortened block table (torchvision's `inverted_residual_setting`
+# idea): the stem, a t=1 block (no expansion conv), an expanding stride-2 block, an
+# expanding block with its residual add, the last 1x1 conv and the classifier: every
+# kind of layer and block of the full network in 14 layers instead of 54. The full
+# table compiled for ~500 CPU-s here (most of it XLA compiling the same kinds of layers
+# again); the full network's shapes, parameter count and torchvision conversion are
+# tested in tests/test_models.py and tests/test_torch_imagenet.py.
+SHORT_MOBILENET_V2 = ((1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 1, 2))
+
+
 @pytest.mark.parametrize(
   "module",
   [
-    # CPU seconds measured: MobileNet-V2 (53 convolutions) compiles about 2.5x ResNet-18's.
     pytest.param(imagenet_resnet18, id="resnet18", marks=pytest.mark.slow(250)),
-    pytest.param(imagenet_mobilenet_v2, id="mobilenet_v2", marks=pytest.mark.slow(600)),
+    pytest.param(imagenet_mobilenet_v2, id="mobilenet_v2", marks=pytest.mark.slow(150)),
   ],
 )
 def test_fq_training_on_mock_imagenet(module, tmp_path, monkeypatch):
   """DNS and INQ steps on uint8 mock ImageNet; model.fqz decodes to the evaluated model."""
+  from fq_jax.models import imagenet
+
+  monkeypatch.setattr(imagenet, "MOBILENET_V2_SETTINGS", SHORT_MOBILENET_V2)
   config = _tiny(module.get_config())
   report, evaluated, decoded = _fq_training_run(config, tmp_path, monkeypatch)
   name = config.model.name
@@ -143,6 +154,11 @@ def test_fq_training_on_mock_imagenet(module, tmp_path, monkeypatch):
   metrics = (tmp_path / "metrics.csv").read_text().splitlines()
   assert sum(r.startswith("prune,") and ",train," in r for r in metrics) == 1
   assert report["stages"]["quantize"]["steps"] == 2
+  if name == "mobilenet_v2":  # the short table: blocks 0 (t=1), 1-2 (t=6, residual), 3
+    blocks = sorted(k for k in decoded["params"] if k.startswith("block"))
+    assert blocks == ["block0", "block1", "block2", "block3"]
+    assert "expand_conv" not in decoded["params"]["block0"]
+    assert "expand_conv" in decoded["params"]["block2"]
 
 
 def test_mobilenet_rules_leave_depthwise_unpruned():

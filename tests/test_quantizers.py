@@ -251,3 +251,52 @@ def test_focus_under_jit_and_vmap():
   single = focus(stacked_w[2], mask, keys[2], bits=5)
   np.testing.assert_array_equal(states.bias[2], single.bias)
   np.testing.assert_allclose(states.means[2], single.means)
+
+
+def test_weights_on_rounding_boundaries_encode_to_the_evaluated_values(tmp_path):
+  """The jitted forward pass and the codec agree on every weight sitting on a boundary.
+
+  Each kept weight is placed where (w - mu) / sigma lands on, or a few ulps beside, the
+  midpoint 0.75 * 2^j between two shift levels, in layer shapes that once made XLA
+  compile the division differently in the forward pass (a product with the reciprocal)
+  than in the codec's batched kernel: then a weight exactly on a midpoint decoded one
+  symbol away from the value evaluated (a bf16 MobileNet-V2 run hit it once in 153,600).
+  The oracle is the file: `fq.load_fqz` must give back `jit(fq.quantized)` bit for bit.
+  """
+  import optax
+
+  shapes = {"dw": (3, 3, 1, 192), "head": (64, 10), "pw": (1, 1, 32, 192), "conv": (3, 3, 16, 16)}
+  tx = fq.focused_quantization(optax.sgd(0.1), bits=5)
+  quantized = jax.jit(fq.quantized)
+  differ = {}
+  for seed in range(4):  # several sigmas: whether a tie rounds apart depends on its value
+    rng = np.random.default_rng(seed)
+    params = {
+      k: {"kernel": jnp.asarray(rng.standard_normal(s).astype(np.float32) * 0.05)}
+      for k, s in shapes.items()
+    }
+    params = fq.apply_masks(params, fq.magnitude_masks(params, 0.5))
+    state = tx.init(params)
+    focus = fq.find_state(state).focus
+    on_boundaries = {}
+    for name, shape in shapes.items():
+      f = focus[name]["kernel"]
+      n = int(np.prod(shape))
+      mu = np.where(np.asarray(f.assignment).ravel(), *np.asarray(f.means, np.float32)[::-1])
+      mu = mu if bool(f.recentralized) else np.zeros(n, np.float32)
+      sigma = np.float32(f.sigma) if bool(f.recentralized) else np.float32(1.0)
+      j = rng.integers(-int(f.bias) - 1, 3, n).astype(np.float64)
+      z = 0.75 * 2.0**j * rng.choice([-1.0, 1.0], n)
+      w = (mu + z * sigma).astype(np.float32)
+      for _ in range(int(rng.integers(0, 3))):  # 0-2 ulps to either side
+        w = np.nextafter(w, rng.choice([-np.inf, np.inf], n).astype(np.float32))
+      w = np.where(np.asarray(f.mask).ravel(), w, 0.0).astype(np.float32)
+      on_boundaries[name] = {"kernel": jnp.asarray(w.reshape(shape))}
+    evaluated = quantized(on_boundaries, state)
+    fq.save_fqz(tmp_path / f"m{seed}.fqz", on_boundaries, state)
+    decoded = fq.load_fqz(tmp_path / f"m{seed}.fqz").tree()
+    for name in shapes:
+      got, want = np.asarray(decoded[name]["kernel"]), np.asarray(evaluated[name]["kernel"])
+      if not np.array_equal(got, want):
+        differ[(seed, name)] = int(np.sum(got != want))
+  assert not differ, differ

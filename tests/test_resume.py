@@ -35,7 +35,9 @@ def _env(cache: Path) -> dict[str, str]:
   return {
     **os.environ,
     "JAX_PLATFORMS": "cpu",
-    "FQ_JAX_COMPILATION_CACHE": str(cache),
+    # The session cache of tests/conftest.py when there is one (shared with the other
+    # digits runs of the suite), else this test's own.
+    "FQ_JAX_COMPILATION_CACHE": os.environ.get("JAX_COMPILATION_CACHE_DIR") or str(cache),
     "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
     "PYTHONUNBUFFERED": "1",  # log lines as they happen (the SIGTERM test waits for one)
   }

@@ -212,7 +212,14 @@ def num_symbols(state: FocusState) -> jax.Array:
 def focused_symbols(w: jax.Array, state: FocusState) -> jax.Array:
   """Integer symbol of every weight under Eq. 2 (0 for pruned ones), int32."""
   mu, sigma = _centering(state)
-  z = (jnp.asarray(w, jnp.float32) - mu) / sigma
+  # A reciprocal, then a product: both correctly rounded wherever XLA compiles them.
+  # Written as `/ sigma`, XLA turns the division by a broadcast scalar into a product
+  # with its reciprocal in some fusions (the jitted forward pass of some layer shapes)
+  # and not in others (the codec's batched kernel, where sigma varies per element), and
+  # the two results differ by an ulp: enough to put a weight on the rounding boundary
+  # on different sides, so the file would decode one symbol away from the value trained
+  # and evaluated (tests/test_quantizers.py drives weights onto the boundaries).
+  z = (jnp.asarray(w, jnp.float32) - mu) * (1.0 / sigma)
   k = exponent_bits(state)
   code = shift_symbols(z, k, state.bias)
   code = code + jnp.where(state.recentralized & state.assignment, num_shift_symbols(k), 0)
@@ -343,7 +350,7 @@ def focus(
   assignment = (hashed_uniform(key, jnp.shape(w)) < p_plus) & kept & recentralized
 
   x = jnp.asarray(w, jnp.float32)
-  centred = (x - jnp.where(assignment, means[1], means[0])) / sigma
+  centred = (x - jnp.where(assignment, means[1], means[0])) * (1.0 / sigma)  # as focused_symbols
   # Both candidate biases from one batched sort (one sort to compile, not two).
   both = jax.vmap(lambda v, b: overflow_bias(v, bits=b, mask=kept))(
     jnp.stack([centred, x]), jnp.asarray([max(bits - 1, MIN_BITS), bits], jnp.int32)

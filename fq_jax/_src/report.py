@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fq_jax._src import quantizers, transforms
+from fq_jax._src import quantizers, tables, transforms
 
 
 def empirical_entropy(symbols: np.ndarray) -> float:
@@ -88,13 +88,19 @@ def format_report(rows: list[dict[str, Any]]) -> str:
   kept weights' symbols, bits per weight: what an ideal entropy coder
   would spend).
   """
-  header = f"{'path':<40} {'shape':<18} {'kept':>9} {'sparsity':>8} {'kind':<13} {'W':>6} {'bits':>4} {'mse':>10} {'H bits':>6}"
-  lines = [header, "-" * len(header)]
-  for r in rows:
-    sep = f"{r['separation']:6.2f}" if "separation" in r else f"{'-':>6}"
-    lines.append(
-      f"{r['path'][-40:]:<40} {str(tuple(r['shape'])):<18} {r['kept']:>9} "
-      f"{r['sparsity']:>8.2%} {r['kind']:<13} {sep} {r['bits']:>4} "
-      f"{r['mse']:>10.3g} {r['entropy_bits']:>6.3f}"
-    )
-  return "\n".join(lines)
+  cells = [
+    [
+      r["path"],
+      str(tuple(r["shape"])),
+      r["kept"],
+      f"{r['sparsity']:.2%}",
+      r["kind"],
+      f"{r['separation']:.2f}" if "separation" in r else "-",
+      r["bits"],
+      f"{r['mse']:.3g}",
+      f"{r['entropy_bits']:.3f}",
+    ]
+    for r in rows
+  ]
+  columns = ["path", "shape", "kept", "sparsity", "kind", "W", "bits", "mse", "H bits"]
+  return tables.format_table(cells, columns, left={"path", "shape", "kind"}, separator=" ")

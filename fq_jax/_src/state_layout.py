@@ -8,6 +8,7 @@ transform reports a mismatch or a bad argument in one fq-jax line.
 
 from __future__ import annotations
 
+import functools
 import operator
 
 import jax
@@ -15,20 +16,13 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from fq_jax._src import quantizers
+from fq_jax._src import quantizers, tree_util
 from fq_jax._src import rules as rules_lib
 
-
-def _is_none(x) -> bool:
-  """Leaf test for mask and focus trees: a None or a whole `FocusState`."""
-  return x is None or isinstance(x, quantizers.FocusState)
-
-
-def _map_present(fn, first, *rest):
-  """Maps fn over leaves where `first` is not None; None stays None."""
-  return jax.tree.map(
-    lambda a, *xs: None if a is None else fn(a, *xs), first, *rest, is_leaf=_is_none
-  )
+# Leaf test for mask and focus trees: a None or a whole `FocusState`.
+_is_none = tree_util.none_or(quantizers.FocusState)
+# Maps fn over leaves where `first` is not None; None stays None.
+_map_present = functools.partial(tree_util.map_present, is_leaf=_is_none)
 
 
 def _is_slot(x) -> bool:

@@ -256,6 +256,16 @@ def _check_arguments(arrays, focus, masks, codebooks, coder, float_dtype, lane, 
     unknown = [p for p in d if p not in arrays]
     if unknown:
       raise ValueError(f"{name} has paths that are not in arrays: {unknown[:5]}")
+  for path, state in focus.items():
+    # A NaN or infinite weight has no symbol: it would decode as some finite level.
+    w = np.asarray(arrays[path])
+    if np.issubdtype(w.dtype, np.floating) or w.dtype.name == "bfloat16":
+      kept = np.broadcast_to(np.asarray(state.mask, bool), w.shape)
+      bad = int(np.count_nonzero(kept & ~np.isfinite(w.astype(np.float32))))
+      if bad:
+        raise ValueError(
+          f"focus {path!r}: {bad:,} kept weights are NaN or infinite; they cannot be quantized"
+        )
   if not isinstance(metadata, dict):
     raise ValueError("metadata must be a dict")
   try:

@@ -14,9 +14,10 @@ every config key by stage. The pieces, each in its own module:
 Stages:
 
 * dense: train from scratch for `dense.epochs` (or `dense.steps`), or load
-  `init_from` (a PyTorch CIFAR ResNet `.npz` through the importer, or a flat
-  `.npz` of Flax variables keyed like "params/conv1/kernel"), then more dense
-  training if any.
+  `init_from` (a flat `.npz` of Flax variables keyed like "params/conv1/kernel";
+  or PyTorch weights through the importers: a CIFAR ResNet `.npz`, or a
+  torchvision ResNet-18/50 or MobileNet-V2 `.pth` / `.npz` of its state-dict keys),
+  then more dense training if any.
 * prune: `prune.method` "dns" fine-tunes under `fq.dns_pruning` (masks move
   towards `prune.sparsity` with DNS hysteresis) and freezes the result with
   `fq.apply_masks`; "magnitude" prunes once with `fq.magnitude_masks` and
